@@ -1,0 +1,200 @@
+import numpy as np
+import pytest
+import soundfile as sf
+from conftest import copy_sample, write_metadata, write_tone
+
+from whisper_exp.config import DataConfig
+from whisper_exp.data import (
+    DataError,
+    apply_text_case,
+    is_all_caps,
+    load_eval_only,
+    load_splits,
+    prepare_folder,
+    read_source,
+    sentence_case,
+    split_examples,
+    write_metadata_from_txt,
+)
+
+
+def _folder(tmp_path, n=4, speakers=None):
+    rows = []
+    for i in range(n):
+        write_tone(tmp_path / f"c{i}.wav", seconds=1.0)
+        row = (f"c{i}.wav", f"Clip number {i}.")
+        rows.append(row + ((speakers[i],) if speakers else ()))
+    header = ("file_name", "transcription") + (("speaker",) if speakers else ())
+    write_metadata(tmp_path, rows, header)
+    return tmp_path
+
+
+def test_metadata_csv_with_extra_columns(sample_dir):
+    loaded = read_source(sample_dir, DataConfig())
+    assert len(loaded.examples) == 16
+    first = loaded.examples[0]
+    assert first.speaker == "0135" and first.text == "HE IS A BIG BOY"
+    assert "line 2" in first.where
+
+
+def test_txt_transcripts_generate_metadata_never_overwrite(tmp_path):
+    for i in range(3):
+        write_tone(tmp_path / f"u{i}.flac")
+        (tmp_path / f"u{i}.txt").write_text(f"  hello   world {i}\n")
+    write_tone(tmp_path / "orphan.wav")
+    loaded = read_source(tmp_path, DataConfig())
+    assert [e.text for e in loaded.examples] == [f"hello world {i}" for i in range(3)]
+    assert any("generated" in n for n in loaded.notices)
+    before = (tmp_path / "metadata.csv").read_bytes()
+    with pytest.raises(DataError, match="never overwritten"):
+        write_metadata_from_txt(tmp_path)
+    assert (tmp_path / "metadata.csv").read_bytes() == before
+
+
+def test_every_bad_row_is_reported_with_file_and_line(tmp_path):
+    write_tone(tmp_path / "ok.wav")
+    write_tone(tmp_path / "long.wav", seconds=31.0, rate=8_000)
+    sf.write(str(tmp_path / "empty.wav"), np.zeros(0, dtype=np.float32), 16_000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF....garbage")
+    write_tone(tmp_path / "silent_text.wav")
+    write_metadata(tmp_path, [
+        ("ok.wav", "Fine."),
+        ("missing.wav", "Where am I?"),
+        ("long.wav", "Too long."),
+        ("empty.wav", "Nothing."),
+        ("broken.wav", "Broken."),
+        ("silent_text.wav", "   "),
+    ])
+    cfg = DataConfig(train=str(tmp_path), eval=str(tmp_path))
+    with pytest.raises(DataError) as err:
+        load_splits(cfg, seed=0)
+    message = str(err.value)
+    assert "nothing was trained" in message
+    for expected in ("line 3: missing.wav: audio file not found",
+                     "line 4: long.wav: audio is 31.0 s, over the 30 s",
+                     "line 5: empty.wav: audio is empty",
+                     "line 6: broken.wav: unreadable audio",
+                     "line 7: silent_text.wav: transcript is empty"):
+        assert expected in message
+    assert "ok.wav" not in message
+
+
+def test_label_longer_than_decoder_allows(tmp_path):
+    _folder(tmp_path, n=2)
+    cfg = DataConfig(train=str(tmp_path), eval=str(tmp_path))
+    with pytest.raises(DataError, match="over the decoder's 2-token limit"):
+        load_splits(cfg, seed=0, count_label_tokens=lambda t: len(t.split()),
+                    max_label_tokens=2)
+
+
+def test_skip_mode_drops_and_reports(tmp_path):
+    _folder(tmp_path, n=4)
+    with (tmp_path / "metadata.csv").open("a") as handle:
+        handle.write("gone.wav,Missing file.\n")
+    cfg = DataConfig(train=str(tmp_path), eval_split=0.25, on_invalid="skip")
+    split = load_splits(cfg, seed=0)
+    assert len(split.train) + len(split.eval) == 4
+    assert [p.file for p in split.skipped] == ["gone.wav"]
+
+
+def test_non_utf8_csv_names_the_line(tmp_path):
+    write_tone(tmp_path / "a.wav")
+    write_metadata(tmp_path, [("a.wav", "plain"), ("a.wav", "caf\u00e9")], encoding="latin-1")
+    with pytest.raises(DataError, match=r"metadata.csv line 3: not valid UTF-8"):
+        read_source(tmp_path, DataConfig())
+
+
+def test_missing_columns(tmp_path):
+    write_metadata(tmp_path, [("a.wav", "x")], header=("path", "text"))
+    with pytest.raises(DataError, match=r"missing column\(s\) \['file_name', 'transcription'\]"):
+        read_source(tmp_path, DataConfig())
+
+
+def test_folder_without_transcripts(tmp_path):
+    write_tone(tmp_path / "a.wav")
+    with pytest.raises(DataError, match="no metadata.csv and no .txt"):
+        read_source(tmp_path, DataConfig())
+
+
+def test_speaker_disjoint_seeded_split(tmp_path):
+    speakers = ["s1", "s1", "s2", "s2", "s3", "s3", "s4", "s4", "s5", "s5"]
+    _folder(tmp_path, n=10, speakers=speakers)
+    examples = read_source(tmp_path, DataConfig()).examples
+    train, evals, method = split_examples(examples, 0.2, seed=1)
+    assert method.startswith("speaker-disjoint")
+    assert not {e.speaker for e in train} & {e.speaker for e in evals}
+    assert len(evals) == 2
+    again = split_examples(examples, 0.2, seed=1)
+    assert [e.name for e in again[1]] == [e.name for e in evals]
+    other = [split_examples(examples, 0.2, seed=s)[1][0].speaker for s in range(8)]
+    assert len(set(other)) > 1, "different seeds pick different speakers"
+
+
+def test_random_split_without_speakers(tmp_path):
+    _folder(tmp_path, n=10)
+    train, evals, method = split_examples(read_source(tmp_path, DataConfig()).examples, 0.3, 0)
+    assert (len(train), len(evals), method) == (7, 3, "random utterances")
+
+
+def test_split_rows_are_loggable(sample_dir):
+    split = load_splits(DataConfig(train=str(sample_dir)), seed=0)
+    rows = split.split_rows()
+    assert {r["split"] for r in rows} == {"train", "eval"} and len(rows) == 16
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("WE CALL IT BEAR", "We call it bear."),
+    ("I THINK I'M READY", "I think I'm ready."),
+    ("IS IT OK?", "Is it ok?"),
+])
+def test_sentence_case(text, expected):
+    assert sentence_case(text) == expected
+
+
+def test_text_case_modes(sample_dir):
+    def fresh():
+        return read_source(sample_dir, DataConfig()).examples
+
+    examples = fresh()
+    assert all(is_all_caps(e.text) for e in examples)
+    changed, notice = apply_text_case(examples, "auto")
+    assert changed == 16 and "sentence-cased" in notice
+    assert examples[0].text == "He is a big boy."
+    examples = fresh()
+    assert apply_text_case(examples, "keep") == (0, None)
+    assert examples[0].text == "HE IS A BIG BOY"
+    examples = fresh()
+    apply_text_case(examples, "lower")
+    assert examples[0].text == "he is a big boy"
+
+
+def test_auto_leaves_mixed_case_corpora_alone(tmp_path):
+    _folder(tmp_path, n=3)
+    examples = read_source(tmp_path, DataConfig()).examples
+    assert apply_text_case(examples, "auto") == (0, None)
+
+
+def test_hugging_face_dataset_with_audio_feature(tmp_path):
+    import datasets
+
+    paths = [str(write_tone(tmp_path / f"h{i}.wav")) for i in range(4)]
+    ds = datasets.Dataset.from_dict({"audio": paths, "sentence": [f"Line {i}." for i in
+                                                                   range(4)]})
+    ds = ds.cast_column("audio", datasets.Audio(decode=False))
+    datasets.DatasetDict({"train": ds, "test": ds.select([0, 1])}).save_to_disk(tmp_path / "hf")
+    cfg = DataConfig(train=str(tmp_path / "hf"), eval=str(tmp_path / "hf"),
+                     text_column="sentence")
+    split = load_splits(cfg, seed=0)
+    assert len(split.train) == 4 and len(split.eval) == 2
+    assert split.train[0].text == "Line 0."
+    with pytest.raises(DataError, match="no column 'transcription'"):
+        load_eval_only(tmp_path / "hf", DataConfig())
+
+
+def test_prepare_folder_reports_problems(tmp_path, tiny_en_path):
+    copy_sample(tmp_path, n=3)
+    with (tmp_path / "metadata.csv").open("a") as handle:
+        handle.write("nope.flac,HELLO,0000,1,f,1.0\n")
+    report = prepare_folder(tmp_path, model=str(tiny_en_path))
+    assert len(report.examples) == 3
+    assert [p.file for p in report.problems] == ["nope.flac"]

@@ -1,0 +1,37 @@
+"""The project's own files agree with each other: conda.yaml vs pyproject, MLproject vs CLI."""
+
+import tomllib
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_conda_env_matches_pip_requirements():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    conda = yaml.safe_load((ROOT / "conda.yaml").read_text())
+    pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
+    assert sorted(pip) == sorted(deps)
+    assert "pip" in conda["dependencies"]
+
+
+def test_mlproject_entry_points_use_the_cli():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    assert set(project["entry_points"]) >= {"train", "evaluate"}
+    train = project["entry_points"]["train"]
+    required = {"config", "strategy", "model", "data", "eval_data", "learning_rate", "lora_r",
+                "epochs", "max_steps", "freeze_encoder", "gradient_checkpointing"}
+    assert required <= set(train["parameters"])
+    for name in train["parameters"]:
+        assert f"{{{name}}}" in train["command"], name
+    assert train["command"].startswith("python -m whisper_exp.cli train")
+    assert project["conda_env"] == "conda.yaml"
+
+
+def test_sample_data_ships_with_attribution():
+    sample = ROOT / "data" / "sample"
+    rows = (sample / "metadata.csv").read_text().splitlines()
+    assert rows[0].startswith("file_name,transcription,speaker")
+    assert 12 <= len(rows) - 1 <= 20
+    assert "CC BY 4.0" in (sample / "ATTRIBUTION.md").read_text()

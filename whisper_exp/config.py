@@ -1,0 +1,293 @@
+"""Experiment configuration: typed defaults, YAML files and ``key=value`` overrides.
+
+A config is a tree of dataclasses so every knob has a visible default and a type. YAML files in
+``experiments/`` override the defaults, and CLI/MLproject overrides
+(``training.learning_rate=1e-4``) override the file. The resolved tree is what gets logged to
+MLflow, flattened to dotted keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+DEFAULT_MODEL = "openai/whisper-tiny"
+
+
+class ConfigError(ValueError):
+    """A config file or override names an unknown key or holds a value of the wrong type."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = DEFAULT_MODEL
+    # Only used for multilingual checkpoints; English-only ``.en`` models get no prompt tokens.
+    language: str | None = "english"
+    task: str = "transcribe"
+
+
+@dataclass
+class DataConfig:
+    train: str = "data/sample"
+    # A separate eval folder / dataset. When empty, ``eval_split`` of ``train`` is held out.
+    eval: str | None = None
+    eval_split: float = 0.2
+    # For Hugging Face datasets: split names and column names.
+    train_split_name: str = "train"
+    eval_split_name: str | None = None
+    audio_column: str = "audio"
+    text_column: str = "transcription"
+    speaker_column: str = "speaker"
+    # keep | lower | sentence | auto (auto: sentence-case all-caps corpora, see README)
+    text_case: Literal["keep", "lower", "sentence", "auto"] = "auto"
+    # error: stop before training and list every bad row; skip: drop them and log a report.
+    on_invalid: Literal["error", "skip"] = "error"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    max_duration_s: float = 30.0
+
+
+@dataclass
+class LoraConfig:
+    r: int = 32
+    alpha: int = 64
+    dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class QuantizationConfig:
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+
+
+@dataclass
+class FinetuningConfig:
+    strategy: Literal["full", "lora", "qlora"] = "lora"
+    freeze_encoder: bool = False
+    gradient_checkpointing: bool = False
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+
+
+@dataclass
+class TrainingConfig:
+    learning_rate: float = 1e-3
+    epochs: float = 3.0
+    # > 0 overrides epochs (Trainer semantics).
+    max_steps: int = -1
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    logging_steps: int = 5
+    # Evaluate (loss + WER/CER) every N steps; 0 = at the end of each epoch.
+    eval_steps: int = 0
+    # no | fp16 | bf16 | auto (auto: fp16 on CUDA, fp32 on CPU)
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
+    seed: int = 42
+    dataloader_workers: int = 0
+    output_dir: str = "outputs"
+
+
+@dataclass
+class EvaluationConfig:
+    batch_size: int = 16
+    num_beams: int = 1
+    max_new_tokens: int = 128
+
+
+@dataclass
+class TrackingConfig:
+    experiment_name: str = "whisper-exp"
+    # Empty: MLflow's own resolution (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).
+    tracking_uri: str | None = None
+    run_name: str | None = None
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    finetuning: FinetuningConfig = field(default_factory=FinetuningConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys (``finetuning.lora.r``) for MLflow params."""
+        return flatten(self.to_dict())
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert YAML/CLI values to the annotated type, with a message that names the key."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        is_null = value is None or (isinstance(value, str)
+                                    and value.lower() in ("", "none", "null"))
+        if is_null and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], where) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if annotation in (int, float, str):
+        try:
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return annotation(value)
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"{where}: expected {annotation.__name__}, got {value!r}"
+            ) from None
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(
+            f"unknown key(s) {sorted(f'{where}{k}' for k in unknown)}; "
+            f"valid keys here: {sorted(known)}"
+        )
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value or {}, f"{where}{name}.")
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["training.learning_rate=1e-4", "finetuning.lora.r=8"]`` -> nested dict."""
+    tree: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"override {pair!r} must look like section.key=value")
+        dotted, raw = pair.split("=", 1)
+        value = yaml.safe_load(raw) if raw.strip() else None
+        node = tree
+        *parents, leaf = dotted.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return tree
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | list[str] | tuple[str, ...] | None = None,
+) -> ExperimentConfig:
+    """Defaults <- YAML file <- overrides (a nested dict or ``key=value`` strings)."""
+    tree: dict[str, Any] = {}
+    if path:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+        tree = loaded
+    if overrides:
+        if not isinstance(overrides, dict):
+            overrides = parse_overrides(overrides)
+        tree = _deep_merge(tree, overrides)
+    return _build(ExperimentConfig, tree, "")
+
+
+# Named options shared by the CLI and the MLproject entry points (empty/None = keep the config's).
+NAMED_OPTIONS: dict[str, str] = {
+    "strategy": "finetuning.strategy",
+    "model": "model.name",
+    "data": "data.train",
+    "eval_data": "data.eval",
+    "learning_rate": "training.learning_rate",
+    "lora_r": "finetuning.lora.r",
+    "epochs": "training.epochs",
+    "max_steps": "training.max_steps",
+    "batch_size": "training.batch_size",
+    "freeze_encoder": "finetuning.freeze_encoder",
+    "gradient_checkpointing": "finetuning.gradient_checkpointing",
+    "num_beams": "evaluation.num_beams",
+    "eval_batch_size": "evaluation.batch_size",
+    "tracking_uri": "tracking.tracking_uri",
+    "experiment": "tracking.experiment_name",
+    "run_name": "tracking.run_name",
+}
+
+
+def resolve_config(
+    path: str | Path | None = None,
+    named: dict[str, Any] | None = None,
+    sets: list[str] | tuple[str, ...] = (),
+) -> ExperimentConfig:
+    """Config file <- named options (``lora_r=8``) <- ``--set key=value`` pairs.
+
+    Named options that are None or "" are ignored, so MLproject parameters can default to ""
+    meaning "the config file's value".
+    """
+    pairs = []
+    for option, value in (named or {}).items():
+        if option not in NAMED_OPTIONS:
+            raise ConfigError(f"unknown option {option!r}; known: {sorted(NAMED_OPTIONS)}")
+        if value is None or (isinstance(value, str) and not value.strip()):
+            continue
+        pairs.append(f"{NAMED_OPTIONS[option]}={value}")
+    return load_config(path, [*pairs, *sets])

@@ -1,0 +1,444 @@
+"""Speech datasets: read, validate, normalise text case and split into train / eval.
+
+Three sources are accepted: a folder with ``metadata.csv`` (``file_name,transcription`` plus any
+columns), a folder of audio with same-stem ``.txt`` transcripts, or a Hugging Face dataset (hub
+name, ``load_from_disk`` folder or ``load_dataset`` path). Every problem is collected with its
+file and row before any training starts, so one run reports all bad rows at once.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from whisper_exp.audio import AUDIO_EXTENSIONS, AudioError, find_audio_files, probe
+from whisper_exp.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "metadata.csv"
+REQUIRED_COLUMNS = ("file_name", "transcription")
+
+
+class DataError(ValueError):
+    """The dataset cannot be used; the message lists every problem with its file and row."""
+
+
+@dataclass
+class Example:
+    """One utterance. ``audio`` is a file path, or raw file bytes for hub datasets."""
+
+    audio: str | bytes
+    text: str
+    name: str
+    speaker: str | None = None
+    where: str = ""  # "metadata.csv line 7": where a user finds this row
+
+    def as_row(self) -> dict[str, Any]:
+        return {"file": self.name, "speaker": self.speaker or "", "transcription": self.text}
+
+
+@dataclass
+class Problem:
+    where: str
+    file: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.where}: {self.file}: {self.message}"
+
+
+@dataclass
+class LoadedData:
+    examples: list[Example]
+    problems: list[Problem] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DatasetSplit:
+    train: list[Example]
+    eval: list[Example]
+    skipped: list[Problem]
+    notices: list[str]
+    split_method: str
+
+    def split_rows(self) -> list[dict[str, Any]]:
+        return [dict(e.as_row(), split=name) for name, rows in
+                (("train", self.train), ("eval", self.eval)) for e in rows]
+
+
+# --------------------------------------------------------------------------- reading sources
+
+
+def _read_metadata_csv(folder: Path) -> LoadedData:
+    path = folder / METADATA_FILE
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise DataError(
+            f"{path} line {line}: not valid UTF-8 (byte offset {exc.start}). Re-save the file as "
+            "UTF-8, e.g. `iconv -f latin1 -t utf-8 metadata.csv > fixed.csv`."
+        ) from None
+    reader = csv.DictReader(io.StringIO(text))
+    columns = [c.strip() for c in (reader.fieldnames or [])]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise DataError(
+            f"{path}: missing column(s) {missing}; found {columns}. The header must contain "
+            "file_name,transcription (speaker and other columns are optional)."
+        )
+    reader.fieldnames = columns
+    examples: list[Example] = []
+    problems: list[Problem] = []
+    for row in reader:
+        where = f"{path} line {reader.line_num}"
+        name = (row.get("file_name") or "").strip()
+        if not name:
+            problems.append(Problem(where, "<empty>", "file_name is empty"))
+            continue
+        examples.append(Example(
+            audio=str(folder / name),
+            text=(row.get("transcription") or "").strip(),
+            name=name,
+            speaker=(row.get("speaker") or "").strip() or None,
+            where=where,
+        ))
+    return LoadedData(examples, problems)
+
+
+def write_metadata_from_txt(folder: str | Path) -> Path:
+    """Build ``metadata.csv`` from ``clip.wav`` + ``clip.txt`` pairs. Never overwrites."""
+    folder = Path(folder)
+    target = folder / METADATA_FILE
+    if target.exists():
+        raise DataError(f"{target} already exists; it is never overwritten. Edit or move it.")
+    rows, orphans = [], []
+    for audio in find_audio_files(folder, recursive=True):
+        transcript = audio.with_suffix(".txt")
+        if not transcript.exists():
+            orphans.append(audio.relative_to(folder).as_posix())
+            continue
+        text = " ".join(transcript.read_text(encoding="utf-8").split())
+        rows.append((audio.relative_to(folder).as_posix(), text))
+    if not rows:
+        raise DataError(
+            f"{folder}: no audio ({', '.join(AUDIO_EXTENSIONS)}) with a same-stem .txt "
+            f"transcript found, and no {METADATA_FILE}."
+        )
+    tmp = target.with_suffix(".csv.tmp")
+    with tmp.open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(REQUIRED_COLUMNS)
+        writer.writerows(rows)
+    tmp.replace(target)  # atomic: a crash never leaves a half-written metadata.csv
+    if orphans:
+        log.warning("%d audio file(s) without a .txt transcript left out of %s: %s",
+                    len(orphans), target, ", ".join(orphans[:5]))
+    return target
+
+
+def _read_folder(folder: Path) -> LoadedData:
+    notices = []
+    if not (folder / METADATA_FILE).exists():
+        if not any(folder.rglob("*.txt")):
+            raise DataError(
+                f"{folder}: no {METADATA_FILE} and no .txt transcripts. Provide a metadata.csv "
+                "with columns file_name,transcription or one .txt per audio file."
+            )
+        try:
+            written = write_metadata_from_txt(folder)
+            notices.append(f"generated {written} from .txt transcripts")
+        except OSError:  # read-only folder: read the pairs in memory instead
+            return _read_txt_pairs(folder)
+    loaded = _read_metadata_csv(folder)
+    loaded.notices.extend(notices)
+    return loaded
+
+
+def _read_txt_pairs(folder: Path) -> LoadedData:
+    examples = []
+    for audio in find_audio_files(folder, recursive=True):
+        transcript = audio.with_suffix(".txt")
+        if transcript.exists():
+            name = audio.relative_to(folder).as_posix()
+            examples.append(Example(str(audio), transcript.read_text("utf-8").strip(), name,
+                                    where=str(transcript)))
+    return LoadedData(examples, notices=[f"read .txt transcripts in {folder} (read-only)"])
+
+
+def _read_hf_dataset(source: str, split: str, cfg: DataConfig) -> LoadedData:
+    """Hub name, ``save_to_disk`` folder, or script/data path. Audio is decoded by us, not by
+    ``datasets.Audio`` (which needs torchcodec), so the column is cast to ``decode=False``."""
+    import datasets
+
+    try:
+        if Path(source, "dataset_info.json").exists() or Path(source, "dataset_dict.json").exists():
+            loaded = datasets.load_from_disk(source)
+        else:
+            loaded = datasets.load_dataset(source)
+    except Exception as exc:
+        raise DataError(f"cannot load Hugging Face dataset {source!r}: {exc}") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(f"dataset {source!r} has no split {split!r}; it has {list(loaded)}")
+        loaded = loaded[split]
+    for column in (cfg.audio_column, cfg.text_column):
+        if column not in loaded.column_names:
+            raise DataError(
+                f"dataset {source!r} has no column {column!r} (columns: {loaded.column_names}); "
+                "set data.audio_column / data.text_column in the config."
+            )
+    if isinstance(loaded.features[cfg.audio_column], datasets.Audio):
+        loaded = loaded.cast_column(cfg.audio_column, datasets.Audio(decode=False))
+    has_speaker = cfg.speaker_column in loaded.column_names
+    examples, problems = [], []
+    for index, row in enumerate(loaded):
+        where = f"{source}[{split}] row {index}"
+        audio = row[cfg.audio_column]
+        if isinstance(audio, dict):
+            audio = audio.get("bytes") or audio.get("path")
+        if not isinstance(audio, (str, bytes)) or not audio:
+            problems.append(Problem(where, "<audio>", "audio column holds no path or bytes"))
+            continue
+        name = Path(audio).name if isinstance(audio, str) else f"{split}-{index:06d}"
+        speaker = str(row[cfg.speaker_column]) if has_speaker else None
+        examples.append(Example(audio, str(row[cfg.text_column] or "").strip(), name, speaker,
+                                where))
+    return LoadedData(examples, problems)
+
+
+def read_source(source: str | Path, cfg: DataConfig, hf_split: str | None = None) -> LoadedData:
+    path = Path(source)
+    if path.is_dir() and not (path / "dataset_info.json").exists() \
+            and not (path / "dataset_dict.json").exists():
+        return _read_folder(path)
+    if path.is_file() and path.name == METADATA_FILE:
+        return _read_folder(path.parent)
+    return _read_hf_dataset(str(source), hf_split or cfg.train_split_name, cfg)
+
+
+# --------------------------------------------------------------------------- text case
+
+_SENTENCE_END = re.compile(r"[.!?…]$")
+_LONE_I = re.compile(r"\bi\b(?=('(m|ll|ve|d|s))?\b)")
+
+
+def is_all_caps(text: str) -> bool:
+    letters = [c for c in text if c.isalpha()]
+    return bool(letters) and all(c.isupper() for c in letters if c.lower() != c.upper())
+
+
+def sentence_case(text: str) -> str:
+    """``WE CALL IT BEAR`` -> ``We call it bear.``: what Whisper was pre-trained to emit."""
+    text = _LONE_I.sub("I", text.lower().strip())
+    if not text:
+        return text
+    text = text[0].upper() + text[1:]
+    return text if _SENTENCE_END.search(text) else text + "."
+
+
+def apply_text_case(examples: Sequence[Example], mode: str) -> tuple[int, str | None]:
+    """Rewrite transcripts in place; returns (rows changed, notice for the log)."""
+    if mode == "keep":
+        return 0, None
+    if mode == "lower":
+        changed = sum(e.text != e.text.lower() for e in examples)
+        for e in examples:
+            e.text = e.text.lower()
+        return changed, f"text_case=lower: {changed} transcript(s) lower-cased"
+    cased = [e for e in examples if any(c.isalpha() for c in e.text)]
+    caps = [e for e in cased if is_all_caps(e.text)]
+    if mode == "auto" and (not cased or len(caps) < 0.9 * len(cased)):
+        return 0, None
+    targets = caps if mode == "auto" else examples
+    changed = 0
+    for e in targets:
+        new = sentence_case(e.text)
+        changed += new != e.text
+        e.text = new
+    reason = "transcripts are all upper-case, " if mode == "auto" else ""
+    return changed, (f"text_case={mode}: {reason}{changed} transcript(s) sentence-cased "
+                     "(e.g. 'WE CALL IT BEAR' -> 'We call it bear.')")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(
+    examples: Sequence[Example],
+    *,
+    max_duration_s: float,
+    count_label_tokens: Callable[[str], int] | None = None,
+    max_label_tokens: int | None = None,
+) -> tuple[list[Example], list[Problem]]:
+    """Check every row; returns (good rows, problems). Reads only audio headers."""
+    good, problems = [], []
+    for e in examples:
+        issues = []
+        if isinstance(e.audio, str) and not Path(e.audio).exists():
+            issues.append(f"audio file not found at {e.audio}")
+        else:
+            try:
+                info = probe(e.audio)
+                if info.frames == 0:
+                    issues.append("audio is empty (0 samples)")
+                elif info.duration_s > max_duration_s:
+                    issues.append(
+                        f"audio is {info.duration_s:.1f} s, over the {max_duration_s:.0f} s "
+                        "Whisper window; split it into shorter clips"
+                    )
+            except AudioError as exc:
+                issues.append(f"unreadable audio ({exc})")
+        if not e.text.strip():
+            issues.append("transcript is empty")
+        elif count_label_tokens and max_label_tokens:
+            length = count_label_tokens(e.text)
+            if length > max_label_tokens:
+                issues.append(f"transcript is {length} tokens, over the decoder's "
+                              f"{max_label_tokens}-token limit")
+        if issues:
+            problems.extend(Problem(e.where, e.name, msg) for msg in issues)
+        else:
+            good.append(e)
+    return good, problems
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def split_examples(
+    examples: Sequence[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example], str]:
+    """Hold out ``fraction`` of utterances; whole speakers at a time when speakers are known."""
+    if not 0 < fraction < 1:
+        raise DataError(f"data.eval_split must be between 0 and 1 (got {fraction}) "
+                        "when no separate data.eval is given")
+    rng = random.Random(seed)
+    speakers = sorted({e.speaker for e in examples if e.speaker})
+    if len(speakers) >= 2 and all(e.speaker for e in examples):
+        rng.shuffle(speakers)
+        target = max(1, round(fraction * len(examples)))
+        held: set[str] = set()
+        count = 0
+        for speaker in speakers[:-1]:  # always leave at least one speaker for training
+            if count >= target:
+                break
+            held.add(speaker)
+            count += sum(e.speaker == speaker for e in examples)
+        train = [e for e in examples if e.speaker not in held]
+        evals = [e for e in examples if e.speaker in held]
+        return train, evals, f"speaker-disjoint ({len(held)} of {len(speakers)} speakers held out)"
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    n_eval = max(1, round(fraction * len(examples)))
+    if n_eval >= len(examples):
+        raise DataError(f"only {len(examples)} usable utterance(s): too few to split")
+    held_idx = set(order[:n_eval])
+    train = [e for i, e in enumerate(examples) if i not in held_idx]
+    evals = [e for i, e in enumerate(examples) if i in held_idx]
+    return train, evals, "random utterances"
+
+
+def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Example]:
+    if limit is None or limit >= len(examples):
+        return examples
+    return random.Random(seed).sample(examples, limit)
+
+
+def _prepare(
+    loaded: LoadedData, cfg: DataConfig, count_label_tokens, max_label_tokens
+) -> tuple[list[Example], list[Problem], list[str]]:
+    notices = list(loaded.notices)
+    _, notice = apply_text_case(loaded.examples, cfg.text_case)
+    if notice:
+        notices.append(notice)
+    good, problems = validate(loaded.examples, max_duration_s=cfg.max_duration_s,
+                              count_label_tokens=count_label_tokens,
+                              max_label_tokens=max_label_tokens)
+    return good, loaded.problems + problems, notices
+
+
+def load_eval_only(
+    source: str | Path, cfg: DataConfig, *, count_label_tokens=None, max_label_tokens=None,
+    seed: int = 42,
+) -> DatasetSplit:
+    """A whole dataset for evaluation (no held-out split)."""
+    good, problems, notices = _prepare(read_source(source, cfg, cfg.eval_split_name or
+                                                   cfg.train_split_name),
+                                       cfg, count_label_tokens, max_label_tokens)
+    _raise_or_skip(problems, cfg.on_invalid)
+    _require(good, source)
+    return DatasetSplit([], _subset(good, cfg.max_eval_samples, seed), problems, notices,
+                        "evaluation only")
+
+
+def load_splits(
+    cfg: DataConfig, *, seed: int, count_label_tokens=None, max_label_tokens=None
+) -> DatasetSplit:
+    """Read, case-normalise, validate and split; raises DataError listing every bad row."""
+    train, problems, notices = _prepare(read_source(cfg.train, cfg), cfg, count_label_tokens,
+                                        max_label_tokens)
+    if cfg.eval:
+        eval_split = cfg.eval_split_name or (cfg.train_split_name if cfg.eval != cfg.train
+                                             else "test")
+        evals, eval_problems, eval_notices = _prepare(
+            read_source(cfg.eval, cfg, eval_split), cfg, count_label_tokens, max_label_tokens)
+        problems += eval_problems
+        notices += eval_notices
+        method = f"separate eval source {cfg.eval}"
+    else:
+        evals, method = [], ""
+    _raise_or_skip(problems, cfg.on_invalid)
+    _require(train, cfg.train)
+    if not cfg.eval:
+        train, evals, method = split_examples(train, cfg.eval_split, seed)
+    _require(evals, cfg.eval or cfg.train)
+    return DatasetSplit(
+        _subset(train, cfg.max_train_samples, seed),
+        _subset(evals, cfg.max_eval_samples, seed),
+        problems, notices, method,
+    )
+
+
+def _raise_or_skip(problems: list[Problem], on_invalid: str) -> None:
+    if problems and on_invalid == "error":
+        listing = "\n".join(f"  - {p}" for p in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise DataError(
+            f"{len(problems)} problem(s) in the data; nothing was trained:\n{listing}{more}\n"
+            "Fix these rows, or set data.on_invalid=skip to leave them out (they are then "
+            "listed in the run's skipped_rows.csv artifact)."
+        )
+    for p in problems:
+        log.warning("skipping %s", p)
+
+
+def _require(examples: list[Example], source: str | Path) -> None:
+    if not examples:
+        raise DataError(f"{source}: no usable utterances left after validation")
+
+
+def prepare_folder(folder: str | Path, model: str | None = None,
+                   max_duration_s: float = 30.0) -> LoadedData:
+    """``prepare-data``: make sure ``metadata.csv`` exists, then validate every row."""
+    count_tokens = max_tokens = None
+    if model:
+        from transformers import WhisperConfig, WhisperTokenizer
+
+        tokenizer = WhisperTokenizer.from_pretrained(model)
+        count_tokens = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+        max_tokens = WhisperConfig.from_pretrained(model).max_target_positions
+    loaded = _read_folder(Path(folder))
+    good, problems = validate(loaded.examples, max_duration_s=max_duration_s,
+                              count_label_tokens=count_tokens, max_label_tokens=max_tokens)
+    return LoadedData(good, loaded.problems + problems, loaded.notices)

@@ -1,0 +1,246 @@
+"""Load Whisper, apply a fine-tuning strategy, and load trained models back for inference.
+
+Strategies compose: ``full`` | ``lora`` | ``qlora`` (4-bit NF4 base via bitsandbytes + LoRA),
+each with optional ``freeze_encoder`` (LoRA then goes into the decoder only) and
+``gradient_checkpointing``. Multilingual checkpoints get ``<|lang|><|transcribe|>`` in the
+decoder prompt for training and generation; English-only ``.en`` checkpoints get none.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import (
+    GenerationConfig,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+)
+
+from whisper_exp.config import ExperimentConfig, FinetuningConfig, ModelConfig
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "whisper_exp.json"  # written next to every saved model / adapter
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def is_multilingual(model: WhisperForConditionalGeneration) -> bool:
+    flag = getattr(model.generation_config, "is_multilingual", None)
+    return bool(flag) if flag is not None else model.config.vocab_size >= 51865
+
+
+@dataclass
+class ParamCounts:
+    trainable: int
+    total: int
+
+    @property
+    def percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+
+def count_parameters(model: torch.nn.Module) -> ParamCounts:
+    """Counts that treat 4-bit packed weights as the parameters they stand for (as peft does)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        trainable, total = model.get_nb_trainable_parameters()
+        return ParamCounts(int(trainable), int(total))
+    trainable = total = 0
+    for param in model.parameters():
+        n = param.numel()
+        if param.__class__.__name__ == "Params4bit":
+            n *= 2
+        total += n
+        trainable += n if param.requires_grad else 0
+    return ParamCounts(trainable, total)
+
+
+def configure_prompt(model: WhisperForConditionalGeneration, processor: WhisperProcessor,
+                     cfg: ModelConfig) -> None:
+    """Language/task tokens for multilingual models, none for English-only ones.
+
+    The tokenizer's prefix tokens make training labels start with the same prompt that
+    ``generate`` forces, so training and inference agree.
+    """
+    gen = model.generation_config
+    if is_multilingual(model):
+        gen.language = cfg.language
+        gen.task = cfg.task
+        processor.tokenizer.set_prefix_tokens(language=cfg.language, task=cfg.task,
+                                              predict_timestamps=False)
+    else:
+        for attr in ("language", "task"):
+            if getattr(gen, attr, None) is not None:
+                setattr(gen, attr, None)
+        processor.tokenizer.set_prefix_tokens(predict_timestamps=False)
+    # Legacy forced ids conflict with language/task handling in generate().
+    gen.forced_decoder_ids = None
+    model.config.forced_decoder_ids = None
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_base(cfg: ModelConfig, finetuning: FinetuningConfig | None = None,
+              device: torch.device | None = None
+              ) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """Base model in fp32 (fp16 checkpoints are upcast: fp16 training on CPU is unstable),
+    or 4-bit NF4 for QLoRA."""
+    device = device or default_device()
+    processor = WhisperProcessor.from_pretrained(cfg.name)
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if finetuning is not None and finetuning.strategy == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=finetuning.quantization.quant_type,
+            bnb_4bit_use_double_quant=finetuning.quantization.double_quant,
+            bnb_4bit_compute_dtype=_compute_dtype(device),
+            # Whisper's output projection shares weights with the embeddings; keep it dense.
+            llm_int8_skip_modules=["proj_out"],
+        )
+        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+    model = WhisperForConditionalGeneration.from_pretrained(cfg.name, **kwargs)
+    if "device_map" not in kwargs:
+        model.to(device)
+    configure_prompt(model, processor, cfg)
+    return model, processor
+
+
+def _lora_targets(cfg: FinetuningConfig) -> list[str] | str:
+    modules = cfg.lora.target_modules
+    if not cfg.freeze_encoder:
+        return modules
+    # peft treats a string as a full-match regex: adapters in the decoder only.
+    return r".*decoder\.layers\.\d+\.\S*(" + "|".join(modules) + r")$"
+
+
+def _enable_checkpointing(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable (deprecated, removed in v6).
+    enable = getattr(model, "activation_checkpointing_enable", None)
+    if enable is None:
+        enable = model.gradient_checkpointing_enable
+    enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def apply_strategy(model: WhisperForConditionalGeneration, cfg: FinetuningConfig
+                   ) -> torch.nn.Module:
+    """Return the model ready to train: adapters attached, frozen parts frozen."""
+    if cfg.strategy not in ("full", "lora", "qlora"):
+        raise ValueError(f"unknown strategy {cfg.strategy!r}; use full, lora or qlora")
+    ckpt_kwargs = {"use_reentrant": False}
+    if cfg.strategy == "full":
+        # Whisper's encoder positions are fixed sinusoids; transformers 5 leaves them
+        # trainable after from_pretrained, which silently drifts them in a full fine-tune.
+        model.model.encoder.embed_positions.requires_grad_(False)
+        if cfg.freeze_encoder:
+            model.freeze_encoder()
+        if cfg.gradient_checkpointing:
+            _enable_checkpointing(model, ckpt_kwargs)
+        return model
+
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.strategy == "qlora":
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing,
+            gradient_checkpointing_kwargs=ckpt_kwargs,
+        )
+    elif cfg.gradient_checkpointing:
+        _enable_checkpointing(model, ckpt_kwargs)
+        model.enable_input_require_grads()
+    lora = LoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=_lora_targets(cfg),
+        bias="none",
+    )
+    return get_peft_model(model, lora)
+
+
+# --------------------------------------------------------------------------- saving / loading
+
+
+def save_trained(model: torch.nn.Module, processor: WhisperProcessor, out_dir: str | Path,
+                 cfg: ExperimentConfig) -> Path:
+    """Hugging Face format: the full model, or the adapter plus everything needed to rebuild
+    the base (processor, generation config with language/task, and ``whisper_exp.json``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.generation_config.save_pretrained(out)
+    meta = {
+        "base_model": resolve_model_name(cfg.model.name),
+        "strategy": cfg.finetuning.strategy,
+        "freeze_encoder": cfg.finetuning.freeze_encoder,
+        "language": cfg.model.language if is_multilingual(base) else None,
+        "task": cfg.model.task,
+    }
+    (out / METADATA_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return out
+
+
+def resolve_model_name(name: str) -> str:
+    """Absolute path for local folders (so a saved adapter finds its base from anywhere)."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.exists() else name
+
+
+def resolve_model_reference(reference: str) -> str:
+    """``runs:/<id>[/path]``, ``models:/<name>@<alias>`` or ``mlflow-artifacts:`` -> local dir;
+    hub names and local paths pass through."""
+    if reference.startswith("runs:/") and reference.count("/") == 1:
+        reference = reference.rstrip("/") + "/model"
+    if reference.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
+        import mlflow
+
+        local = Path(mlflow.artifacts.download_artifacts(reference))
+        # A registered pyfunc keeps the HF files in an artifacts sub-folder.
+        for candidate in (local, local / "artifacts" / "model", local / "model"):
+            if (candidate / "config.json").exists() or (candidate / ADAPTER_CONFIG).exists():
+                return str(candidate)
+        return str(local)
+    return reference
+
+
+def load_for_inference(reference: str, device: torch.device | None = None,
+                       language: str | None = "english", task: str = "transcribe"
+                       ) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """Any model reference -> a plain (adapter-merged) Whisper model in eval mode."""
+    device = device or default_device()
+    path = resolve_model_reference(reference)
+    local = Path(path)
+    meta = {}
+    if (local / METADATA_FILE).exists():
+        meta = json.loads((local / METADATA_FILE).read_text(encoding="utf-8"))
+    if (local / ADAPTER_CONFIG).exists():
+        from peft import PeftModel
+
+        adapter_cfg = json.loads((local / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        base_name = meta.get("base_model") or adapter_cfg["base_model_name_or_path"]
+        base = WhisperForConditionalGeneration.from_pretrained(base_name, dtype=torch.float32)
+        model = PeftModel.from_pretrained(base, str(local)).merge_and_unload()
+    else:
+        model = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+    processor = WhisperProcessor.from_pretrained(path)
+    if (local / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    model_cfg = ModelConfig(name=path, language=meta.get("language") or language, task=task)
+    configure_prompt(model, processor, model_cfg)
+    model.to(device).eval()
+    return model, processor
