@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,12 +178,24 @@ def _log_data(split: DatasetSplit) -> None:
         log.info(notice)
 
 
-def train(cfg: ExperimentConfig) -> TrainResult:
-    """Load data and model, fine-tune, evaluate, and log the whole run to MLflow."""
+def train(
+    cfg: ExperimentConfig,
+    *,
+    callbacks: Sequence[TrainerCallback] = (),
+    nested: bool = False,
+    tags: Mapping[str, str] | None = None,
+) -> TrainResult:
+    """Load data and model, fine-tune, evaluate, and log the whole run to MLflow.
+
+    ``callbacks`` are extra Trainer callbacks (e.g. Optuna pruning); ``nested`` makes the run a
+    child of the active run (one per trial under a study's parent run).
+    """
     device = default_device()
-    tracking.configure(cfg.tracking.tracking_uri, cfg.tracking.experiment_name)
+    if not nested:
+        tracking.configure(cfg.tracking.tracking_uri, cfg.tracking.experiment_name)
     run_name = cfg.tracking.run_name or f"{cfg.finetuning.strategy}-{Path(cfg.model.name).name}"
-    with tracking.run(run_name=run_name, tags={"whisper_exp.entry_point": "train"}) as active:
+    run_tags = {"whisper_exp.entry_point": "train", **(tags or {})}
+    with tracking.run(run_name=run_name, nested=nested, tags=run_tags) as active:
         run_id = active.info.run_id
         tracking.log_params(cfg.flat())
         mlflow.log_params({"git_commit": tracking.git_commit() or "", "device": device.type})
@@ -212,7 +225,7 @@ def train(cfg: ExperimentConfig) -> TrainResult:
             eval_dataset=SpeechDataset(split.eval, processor),
             data_collator=SpeechCollator(processor, model.config.decoder_start_token_id),
             compute_metrics=_wer_metric(processor, language),
-            callbacks=[MlflowMetricsCallback()],
+            callbacks=[MlflowMetricsCallback(), *callbacks],
         )
         started = time.perf_counter()
         outcome = trainer.train()
