@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from whisper_exp.config import load_config
 from whisper_exp.data import DataError
-from whisper_exp.training import SpeechCollator, train
+from whisper_exp.training import MelFeatures, SpeechCollator, train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,9 +41,9 @@ def test_collator_strips_start_token_and_masks_padding(tiny_en_path, sample_dir)
     processor = WhisperProcessor.from_pretrained(tiny_en_path)
     start = processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
     ids = [processor.tokenizer(t).input_ids for t in ("Hi.", "A longer one.")]
-    batch = SpeechCollator(processor, start)([
-        {"audio": str(sample_dir / "001350134.flac"), "labels": ids[0]},
-        {"audio": str(sample_dir / "001350243.flac"), "labels": ids[1]},
+    batch = SpeechCollator(MelFeatures(processor), start)([
+        {"audio": str(sample_dir / "001350134.flac"), "labels": ids[0], "key": "a"},
+        {"audio": str(sample_dir / "001350243.flac"), "labels": ids[1], "key": "b"},
     ])
     assert batch["input_features"].shape == (2, 80, 3000)
     assert batch["labels"][0, 0].item() != start

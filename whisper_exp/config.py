@@ -71,6 +71,9 @@ class QuantizationConfig:
 class FinetuningConfig:
     strategy: Literal["full", "lora", "qlora"] = "lora"
     freeze_encoder: bool = False
+    # Freeze the conv stem and the bottom k encoder layers only (None: freeze_encoder decides).
+    # The frozen part's output is cached, so adapting the top layers + decoder stays cheap.
+    freeze_encoder_layers: int | None = None
     gradient_checkpointing: bool = False
     lora: LoraConfig = field(default_factory=LoraConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
@@ -95,6 +98,14 @@ class TrainingConfig:
     seed: int = 42
     dataloader_workers: int = 0
     output_dir: str = "outputs"
+    # Cache log-mel features, and the frozen encoder part's output when the encoder (or its
+    # bottom k layers) is frozen: computed once per utterance, reused by later epochs and trials.
+    cache_encoder: bool = True
+    cache_features: bool = True
+    cache_memory_mb: int = 4096
+    # Beyond the memory budget, arrays go to disk here (fp16 .npy, memory-mapped).
+    cache_dir: str = "~/.cache/whisper_exp"
+    cache_dtype: Literal["float16", "float32"] = "float16"
 
 
 @dataclass

@@ -119,12 +119,43 @@ def load_base(cfg: ModelConfig, finetuning: FinetuningConfig | None = None,
     return model, processor
 
 
-def _lora_targets(cfg: FinetuningConfig) -> list[str] | str:
+def frozen_encoder_layers(cfg: FinetuningConfig, n_layers: int) -> int:
+    """How many bottom encoder layers (with the conv stem) are frozen: 0 .. n_layers."""
+    if cfg.freeze_encoder:
+        return n_layers
+    k = cfg.freeze_encoder_layers or 0
+    if not 0 <= k <= n_layers:
+        raise ValueError(f"finetuning.freeze_encoder_layers={k}: the encoder has {n_layers} "
+                         f"layers; use 0..{n_layers}"
+                         " (or freeze_encoder: true for all)")
+    return k
+
+
+def whisper_encoder(model: torch.nn.Module) -> torch.nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.encoder
+
+
+def _lora_targets(cfg: FinetuningConfig, frozen: int, n_layers: int) -> list[str] | str:
     modules = cfg.lora.target_modules
-    if not cfg.freeze_encoder:
+    if frozen == 0:
         return modules
-    # peft treats a string as a full-match regex: adapters in the decoder only.
-    return r".*decoder\.layers\.\d+\.\S*(" + "|".join(modules) + r")$"
+    # peft treats a string as a full-match regex: adapters in the decoder and in the
+    # encoder layers above the frozen ones only.
+    places = [r"decoder\.layers\.\d+"]
+    if frozen < n_layers:
+        places.append(r"encoder\.layers\.(" + "|".join(str(i) for i in range(frozen, n_layers))
+                      + ")")
+    return r".*(" + "|".join(places) + r")\.\S*(" + "|".join(modules) + r")$"
+
+
+def _freeze_encoder_bottom(encoder: torch.nn.Module, k: int) -> None:
+    if k == 0:
+        return
+    for module in (encoder.conv1, encoder.conv2, encoder.embed_positions, *encoder.layers[:k]):
+        module.requires_grad_(False)
+    if k == len(encoder.layers):
+        encoder.layer_norm.requires_grad_(False)
 
 
 def _enable_checkpointing(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
@@ -141,12 +172,13 @@ def apply_strategy(model: WhisperForConditionalGeneration, cfg: FinetuningConfig
     if cfg.strategy not in ("full", "lora", "qlora"):
         raise ValueError(f"unknown strategy {cfg.strategy!r}; use full, lora or qlora")
     ckpt_kwargs = {"use_reentrant": False}
+    n_layers = len(model.model.encoder.layers)
+    frozen = frozen_encoder_layers(cfg, n_layers)
     if cfg.strategy == "full":
         # Whisper's encoder positions are fixed sinusoids; transformers 5 leaves them
         # trainable after from_pretrained, which silently drifts them in a full fine-tune.
         model.model.encoder.embed_positions.requires_grad_(False)
-        if cfg.freeze_encoder:
-            model.freeze_encoder()
+        _freeze_encoder_bottom(model.model.encoder, frozen)
         if cfg.gradient_checkpointing:
             _enable_checkpointing(model, ckpt_kwargs)
         return model
@@ -165,7 +197,7 @@ def apply_strategy(model: WhisperForConditionalGeneration, cfg: FinetuningConfig
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
-        target_modules=_lora_targets(cfg),
+        target_modules=_lora_targets(cfg, frozen, n_layers),
         bias="none",
     )
     return get_peft_model(model, lora)

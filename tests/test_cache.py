@@ -1,0 +1,149 @@
+"""The encoder/mel caches: storage, keys, exactness against the uncached path, and reuse."""
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+
+from whisper_exp.audio import load_audio
+from whisper_exp.cache import (
+    ArrayCache,
+    EncoderSplit,
+    audio_fingerprint,
+    feature_settings_fingerprint,
+    modules_fingerprint,
+)
+from whisper_exp.config import load_config
+from whisper_exp.modeling import apply_strategy, load_base, whisper_encoder
+
+
+def test_memory_then_disk_with_counters(tmp_path):
+    cache = ArrayCache(tmp_path, memory_budget_mb=1, dtype="float16")
+    small, big = np.ones((10, 10)), np.ones((1000, 1000))  # 200 B, 2 MB in fp16
+    cache.put("small", small)
+    cache.put("big", big)
+    assert "small" in cache.memory and "big" not in cache.memory
+    loaded = cache.get("big")
+    assert isinstance(loaded, np.memmap) and loaded.dtype == np.float16
+    assert cache.get("nope") is None
+    assert (cache.hits, cache.misses) == (1, 1)
+    (tmp_path / "torn.npy").write_bytes(b"\x93NUMPY garbage")
+    assert cache.get("torn") is None, "a torn file from a killed run is a miss, not a crash"
+
+
+def test_no_directory_means_memory_only(tmp_path):
+    cache = ArrayCache(None, memory_budget_mb=0, dtype="float32")
+    cache.put("x", np.ones(4))
+    assert cache.get("x") is None
+
+
+def test_keys_change_with_audio_weights_and_features(tmp_path, tiny_en_path, sample_dir):
+    files = sorted(sample_dir.glob("*.flac"))[:2]
+    assert audio_fingerprint(files[0]) != audio_fingerprint(files[1])
+    assert audio_fingerprint(files[0]) == audio_fingerprint(files[0].read_bytes())
+    layer = torch.nn.Linear(2, 2)
+    before = modules_fingerprint([layer])
+    with torch.no_grad():
+        layer.weight[0, 0] += 1e-3
+    assert modules_fingerprint([layer]) != before
+    assert modules_fingerprint([layer], "k=1") != modules_fingerprint([layer], "k=2")
+    from transformers import WhisperFeatureExtractor
+
+    fe = WhisperFeatureExtractor.from_pretrained(tiny_en_path)
+    other = WhisperFeatureExtractor.from_pretrained(tiny_en_path, n_fft=512)
+    assert feature_settings_fingerprint(fe) != feature_settings_fingerprint(other)
+
+
+def _batch(tiny_en_path, sample_dir):
+    from transformers import WhisperProcessor
+
+    processor = WhisperProcessor.from_pretrained(tiny_en_path)
+    files = sorted(sample_dir.glob("*.flac"))[:2]
+    features = processor.feature_extractor([load_audio(f) for f in files], sampling_rate=16_000,
+                                           return_tensors="pt").input_features
+    processor.tokenizer.set_prefix_tokens(predict_timestamps=False)
+    ids = [processor.tokenizer(t).input_ids[1:] for t in ("He is a big boy.", "Ready.")]
+    labels = torch.full((2, max(map(len, ids))), -100)
+    for row, seq in enumerate(ids):
+        labels[row, :len(seq)] = torch.tensor(seq)
+    return features, labels
+
+
+@pytest.mark.parametrize("k", [0, 2, 4])
+def test_prefix_plus_top_is_the_encoder(tiny_en_path, sample_dir, k):
+    model, _ = load_base(load_config(None, {"model": {"name": str(tiny_en_path)}}).model)
+    features, _ = _batch(tiny_en_path, sample_dir)
+    split = EncoderSplit(model.model.encoder.eval(), k)
+    with torch.no_grad():
+        expected = model.model.encoder(features).last_hidden_state
+        got = split.top(split.prefix(features)).last_hidden_state
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cache_dtype, tolerance", [("float32", 1e-4), ("float16", 3e-2)])
+def test_cached_path_matches_uncached_loss_and_gradients(tiny_en_path, sample_dir,
+                                                         cache_dtype, tolerance):
+    """LoRA in the top 2 encoder layers + decoder, bottom 2 encoder layers frozen and cached."""
+    cfg = load_config(None, {"model": {"name": str(tiny_en_path)},
+                             "finetuning": {"strategy": "lora", "freeze_encoder_layers": 2,
+                                            "lora": {"r": 8, "dropout": 0.0}}})
+    model, _ = load_base(cfg.model, cfg.finetuning)
+    model = apply_strategy(model, cfg.finetuning)
+    with torch.no_grad():  # make adapters non-zero so encoder-top gradients are meaningful
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.02)
+    features, labels = _batch(tiny_en_path, sample_dir)
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert any(".encoder.layers.3." in n for n in trainable)
+    assert not any(".encoder.layers.1." in n for n in trainable)
+
+    model.zero_grad()
+    uncached = model(input_features=features, labels=labels).loss
+    uncached.backward()
+    expected = {n: p.grad.clone() for n, p in trainable.items()}
+
+    split = EncoderSplit(whisper_encoder(model), k=2)
+    store = ArrayCache(None, memory_budget_mb=64, dtype=cache_dtype)
+    for i, array in enumerate(split.prefix(features).numpy()):
+        store.put(str(i), array)
+    prefix = torch.from_numpy(np.stack([store.get(str(i)).astype(np.float32)
+                                        for i in range(2)]))
+    model.zero_grad()
+    cached = model(encoder_outputs=split.top(prefix), labels=labels).loss
+    cached.backward()
+    torch.testing.assert_close(cached, uncached, rtol=tolerance, atol=tolerance)
+    for name, param in trainable.items():
+        scale = expected[name].abs().max().item() + 1e-8
+        diff = (param.grad - expected[name]).abs().max().item()
+        assert diff <= tolerance * scale, f"{name}: {diff} vs scale {scale}"
+
+
+def _train_cfg(model, data, tmp_path, **training):
+    return load_config(None, {
+        "model": {"name": str(model)}, "data": {"train": str(data), "max_eval_samples": 2},
+        "finetuning": {"strategy": "lora", "freeze_encoder": True},
+        "training": {"max_steps": 2, "batch_size": 2, "output_dir": str(tmp_path / "out"),
+                     "cache_dir": str(tmp_path / "cache"), **training},
+        "evaluation": {"batch_size": 2, "max_new_tokens": 4},
+        "tracking": {"experiment_name": "cache"},
+    })
+
+
+def test_training_reuses_the_cache_across_runs(tiny_multilingual_path, sample_dir, tmp_path):
+    from whisper_exp.training import train
+
+    first = mlflow.get_run(train(_train_cfg(tiny_multilingual_path, sample_dir,
+                                            tmp_path)).run_id)
+    assert first.data.params["cache.encoder_active"] == "True"
+    n = int(first.data.params["data.n_train"]) + int(first.data.params["data.n_eval"])
+    assert first.data.metrics["cache_encoder_computed"] == n
+    second = mlflow.get_run(train(_train_cfg(tiny_multilingual_path, sample_dir,
+                                             tmp_path)).run_id)
+    assert second.data.metrics["cache_encoder_computed"] == 0, "warm: nothing recomputed"
+    assert second.data.metrics["cache_encoder_hit_rate"] > first.data.metrics[
+        "cache_encoder_hit_rate"]
+    off = mlflow.get_run(train(_train_cfg(tiny_multilingual_path, sample_dir, tmp_path,
+                                          cache_encoder=False)).run_id)
+    assert off.data.params["cache.encoder_active"] == "False"
+    assert off.data.tags["cache.encoder_refusal"] == "training.cache_encoder is false"

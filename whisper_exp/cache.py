@@ -1,0 +1,214 @@
+"""Caches for what does not change during training: log-mel features and frozen-encoder outputs.
+
+Whisper pads every clip to 30 s, so the encoder dominates each step. With the encoder (or its
+bottom k layers) frozen, that part's output is a pure function of the audio: compute it once per
+utterance and reuse it in every later epoch and every Optuna trial on the same base model.
+
+Keys are content hashes: the frozen weights (and k), the audio bytes and the feature-extractor
+settings, so changing any of them misses the cache instead of returning stale arrays. Arrays live
+in memory up to a budget, then as ``.npy`` files on disk, memory-mapped on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers.modeling_outputs import BaseModelOutput
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- fingerprints
+
+
+def audio_fingerprint(audio: str | bytes) -> str:
+    digest = hashlib.sha256()
+    if isinstance(audio, bytes):
+        digest.update(audio)
+    else:
+        with open(audio, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:32]
+
+
+def modules_fingerprint(modules: Iterable[torch.nn.Module], extra: str = "") -> str:
+    """Hash of every tensor (name, dtype, shape, bytes) in the given modules."""
+    digest = hashlib.sha256(extra.encode())
+    for index, module in enumerate(modules):
+        for name, tensor in sorted(module.state_dict().items()):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            data = tensor.detach().cpu().contiguous()
+            digest.update(f"{index}.{name}:{data.dtype}:{tuple(data.shape)}".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()[:32]
+
+
+def feature_settings_fingerprint(feature_extractor) -> str:
+    settings = json.loads(feature_extractor.to_json_string())
+    settings.pop("processor_class", None)
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- storage
+
+
+class ArrayCache:
+    """Arrays by key: in memory until ``memory_budget_mb``, then on disk (memory-mapped)."""
+
+    def __init__(self, directory: str | Path | None, memory_budget_mb: float,
+                 dtype: str = "float16"):
+        self.directory = Path(directory).expanduser() if directory else None
+        self.memory_budget = int(memory_budget_mb * 2**20)
+        self.dtype = np.dtype(dtype)
+        self.memory: dict[str, np.ndarray] = {}
+        self.memory_bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, key: str) -> Path | None:
+        return self.directory / f"{key}.npy" if self.directory else None
+
+    def get(self, key: str) -> np.ndarray | None:
+        array = self.memory.get(key)
+        if array is None:
+            path = self._path(key)
+            if path is not None and path.exists():
+                try:
+                    array = np.load(path, mmap_mode="r")
+                except (OSError, ValueError):  # torn write from a killed run: recompute
+                    array = None
+        if array is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return array
+
+    def put(self, key: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype=self.dtype)
+        if self.memory_bytes + array.nbytes <= self.memory_budget:
+            self.memory[key] = array
+            self.memory_bytes += array.nbytes
+            return
+        path = self._path(key)
+        if path is None:
+            return  # over budget and no disk: simply not cached
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Write then rename, so a crash never leaves a half-written array under the real name.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as handle:
+            np.save(handle, array)
+        os.replace(tmp, path)
+
+    @property
+    def hit_rate(self) -> float:
+        total = self.hits + self.misses
+        return self.hits / total if total else 0.0
+
+    def reset_counters(self) -> None:
+        self.hits = self.misses = 0
+
+
+_CACHES: dict[tuple[str, str, str], ArrayCache] = {}
+
+
+def shared_cache(namespace: str, directory: str | Path | None, memory_budget_mb: float,
+                 dtype: str) -> ArrayCache:
+    """One cache per namespace and process, so later Optuna trials reuse the in-memory part."""
+    root = Path(directory).expanduser() / namespace if directory else None
+    key = (namespace, dtype, str(root))
+    if key not in _CACHES:
+        _CACHES[key] = ArrayCache(root, memory_budget_mb, dtype)
+    return _CACHES[key]
+
+
+# --------------------------------------------------------------------------- frozen encoder
+
+
+@dataclass
+class EncoderSplit:
+    """Whisper's encoder cut after layer ``k``: a frozen prefix and a (possibly trainable) top.
+
+    ``prefix`` = conv stem + positions + layers[:k]; ``top`` = layers[k:] + final layer norm.
+    Together they compute exactly ``encoder.forward`` (no dropout/LayerDrop: both are 0 in every
+    released Whisper checkpoint, and a cache is refused otherwise).
+    """
+
+    encoder: torch.nn.Module
+    k: int
+
+    @torch.no_grad()
+    def prefix(self, features: torch.Tensor) -> torch.Tensor:
+        enc = self.encoder
+        hidden = torch.nn.functional.gelu(enc.conv1(features))
+        hidden = torch.nn.functional.gelu(enc.conv2(hidden)).permute(0, 2, 1)
+        positions = torch.arange(enc.embed_positions.num_embeddings, device=hidden.device)
+        hidden = hidden + enc.embed_positions(positions)
+        for layer in enc.layers[:self.k]:
+            hidden = layer(hidden, None)
+        return hidden
+
+    def top(self, hidden: torch.Tensor) -> BaseModelOutput:
+        for layer in self.encoder.layers[self.k:]:
+            hidden = layer(hidden, None)
+        return BaseModelOutput(last_hidden_state=self.encoder.layer_norm(hidden))
+
+    def fingerprint(self) -> str:
+        enc = self.encoder
+        parts = [enc.conv1, enc.conv2, enc.embed_positions, *enc.layers[:self.k]]
+        return modules_fingerprint(parts, extra=f"k={self.k}")
+
+
+def cache_refusal(encoder: torch.nn.Module, k: int, enabled: bool) -> str | None:
+    """Why the encoder cache cannot be used, or None when it can."""
+    if not enabled:
+        return "training.cache_encoder is false"
+    if k == 0:
+        return "no encoder layer is frozen (set freeze_encoder or freeze_encoder_layers)"
+    if any(p.requires_grad for layer in encoder.layers[:k] for p in layer.parameters()):
+        return f"the bottom {k} encoder layers are not frozen"
+    if getattr(encoder, "dropout", 0.0) or getattr(encoder, "layerdrop", 0.0):
+        return "encoder dropout/LayerDrop is on, so its output is not a pure function of audio"
+    return None
+
+
+@torch.no_grad()
+def fill_encoder_cache(
+    split: EncoderSplit,
+    cache: ArrayCache,
+    keys: Sequence[str],
+    features_for: callable,
+    *,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    progress: bool = True,
+) -> int:
+    """Compute the frozen prefix for every key not cached yet; returns how many were computed."""
+    from tqdm.auto import tqdm
+
+    todo = [i for i, key in enumerate(keys) if cache.get(key) is None]
+    was_training = split.encoder.training
+    split.encoder.eval()
+    try:
+        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        for batch in tqdm(batches, desc="encoding (cache cold)", unit="batch",
+                          disable=not progress or not batches):
+            features = torch.stack([torch.as_tensor(np.asarray(features_for(i)))
+                                    for i in batch]).to(device, dtype)
+            hidden = split.prefix(features).float().cpu().numpy()
+            for i, array in zip(batch, hidden, strict=True):
+                cache.put(keys[i], array)
+    finally:
+        split.encoder.train(was_training)
+    return len(todo)
