@@ -97,7 +97,11 @@ class TrainingConfig:
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
     seed: int = 42
     dataloader_workers: int = 0
+    # Per-run outputs go to <output_dir>/<mlflow run id>/ (trainer checkpoints, final model).
     output_dir: str = "outputs"
+    # Trainer checkpoints for --resume: every N optimizer steps; 0 = at the end of each epoch.
+    checkpoint_steps: int = 0
+    checkpoints_kept: int = 2
     # Cache log-mel features, and the frozen encoder part's output when the encoder (or its
     # bottom k layers) is frozen: computed once per utterance, reused by later epochs and trials.
     cache_encoder: bool = True

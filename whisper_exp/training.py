@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +33,7 @@ from whisper_exp.cache import (
     fill_encoder_cache,
     shared_cache,
 )
-from whisper_exp.config import ExperimentConfig
+from whisper_exp.config import ConfigError, ExperimentConfig, load_config
 from whisper_exp.data import DatasetSplit, Example, load_splits
 from whisper_exp.evaluation import EvalResult, evaluate_examples
 from whisper_exp.metrics import make_normalizer, score
@@ -219,7 +221,9 @@ def training_arguments(cfg: ExperimentConfig, output_dir: Path, device: torch.de
         lr_scheduler_type=t.lr_scheduler,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps" if t.checkpoint_steps > 0 else "epoch",
+        save_steps=t.checkpoint_steps if t.checkpoint_steps > 0 else 500,
+        save_total_limit=t.checkpoints_kept,
         predict_with_generate=True,
         generation_max_length=cfg.evaluation.max_new_tokens,
         generation_num_beams=cfg.evaluation.num_beams,
@@ -305,6 +309,36 @@ class TrainResult:
     metrics: dict[str, float]
 
 
+def _last_checkpoint(trainer_dir: Path) -> Path | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    found = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
+    return Path(found) if found else None
+
+
+def resume(run_id: str, tracking_uri: str | None = None) -> TrainResult:
+    """Continue a crashed or killed training run in the same MLflow run: same config (read
+    from the run's ``config.yaml``), last Trainer checkpoint, steps and metrics continuing."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    launched = os.environ.get("MLFLOW_RUN_ID")
+    if launched and launched != run_id:
+        raise ConfigError(f"resume={run_id} but MLflow started run {launched}; with `mlflow run` "
+                         f"pass --run-id {run_id} so the same run continues")
+    try:
+        run = mlflow.get_run(run_id)
+        text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
+    except Exception as exc:
+        raise ConfigError(f"cannot resume run {run_id}: {exc}") from None
+    if run.info.status == "FINISHED":
+        raise ConfigError(f"run {run_id} already FINISHED; start a new run instead")
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as handle:
+        handle.write(text)
+    cfg = load_config(handle.name)
+    os.unlink(handle.name)
+    return train(cfg, resume_run_id=run_id)
+
+
 def _log_data(split: DatasetSplit) -> None:
     mlflow.log_params({"data.n_train": len(split.train), "data.n_eval": len(split.eval),
                        "data.split_method": split.split_method})
@@ -324,22 +358,27 @@ def train(
     callbacks: Sequence[TrainerCallback] = (),
     nested: bool = False,
     tags: Mapping[str, str] | None = None,
+    resume_run_id: str | None = None,
 ) -> TrainResult:
     """Load data and model, fine-tune, evaluate, and log the whole run to MLflow.
 
     ``callbacks`` are extra Trainer callbacks (e.g. Optuna pruning); ``nested`` makes the run a
-    child of the active run (one per trial under a study's parent run).
+    child of the active run (one per trial under a study's parent run). ``resume_run_id``
+    continues that run from its last Trainer checkpoint (use :func:`resume` to get its config).
     """
     device = default_device()
     if not nested:
         tracking.configure(cfg.tracking.tracking_uri, cfg.tracking.experiment_name)
     run_name = cfg.tracking.run_name or f"{cfg.finetuning.strategy}-{Path(cfg.model.name).name}"
     run_tags = {"whisper_exp.entry_point": "train", **(tags or {})}
-    with tracking.run(run_name=run_name, nested=nested, tags=run_tags) as active:
+    with tracking.run(run_name=run_name, nested=nested, tags=run_tags,
+                      run_id=resume_run_id) as active:
         run_id = active.info.run_id
-        tracking.log_params(cfg.flat())
-        mlflow.log_params({"git_commit": tracking.git_commit() or "", "device": device.type})
-        mlflow.log_text(cfg.to_yaml(), "config.yaml")
+        if resume_run_id is None:
+            tracking.log_params(cfg.flat())
+            mlflow.log_params({"git_commit": tracking.git_commit() or "",
+                               "device": device.type})
+            mlflow.log_text(cfg.to_yaml(), "config.yaml")
         tracking.reset_peak_memory(device)
 
         model, processor = load_base(cfg.model, cfg.finetuning, device)
@@ -384,8 +423,12 @@ def train(
         else:
             trainer = Seq2SeqTrainer(**trainer_kwargs,
                                      data_collator=SpeechCollator(features, start_id))
+        checkpoint = _last_checkpoint(output_dir / "trainer") if resume_run_id else None
+        if resume_run_id:
+            mlflow.set_tag("resumed_from", checkpoint.name if checkpoint else "start")
+            log.info("resuming run %s from %s", run_id, checkpoint or "the start (no checkpoint)")
         started = time.perf_counter()
-        outcome = trainer.train()
+        outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         wall = time.perf_counter() - started
 
         model_dir = save_trained(trainer.model, processor, output_dir / "model", cfg)
