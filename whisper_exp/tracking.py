@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +30,39 @@ def configure(tracking_uri: str | None, experiment_name: str | None) -> None:
     """Point MLflow at a server/DB (else its default: ``sqlite:///mlflow.db`` here)."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    # Under `mlflow run` the experiment is already chosen by the launcher.
-    if experiment_name and not os.environ.get("MLFLOW_RUN_ID") \
+    # Under `mlflow run` the experiment is already chosen by the launcher; under torchrun only
+    # rank 0 may touch the tracking store.
+    if experiment_name and process_rank() == 0 and not os.environ.get("MLFLOW_RUN_ID") \
             and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
         mlflow.set_experiment(experiment_name)
 
 
+def _is_pruned_trial(exc: BaseException) -> bool:
+    """An Optuna ``TrialPruned``, detected without importing optuna (if it is not loaded, nothing
+    can have raised one)."""
+    optuna = sys.modules.get("optuna")
+    return optuna is not None and isinstance(exc, optuna.TrialPruned)
+
+
 @contextlib.contextmanager
 def run(run_name: str | None = None, nested: bool = False,
-        tags: Mapping[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
-    """Start (or resume, under ``mlflow run``) a run that ends KILLED on Ctrl-C, FAILED on error."""
-    active = mlflow.start_run(run_name=run_name, nested=nested, tags=dict(tags or {}))
+        tags: Mapping[str, str] | None = None,
+        run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Start (or resume: ``run_id``, or ``mlflow run``'s) a run that ends KILLED on Ctrl-C or an
+    Optuna prune (tagged ``optuna.trial_state=PRUNED``), FAILED on any other error."""
+    active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                              nested=nested, tags=dict(tags or {}))
     try:
         yield active
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
-    except BaseException:
-        mlflow.end_run("FAILED")
+    except BaseException as exc:
+        if _is_pruned_trial(exc):
+            mlflow.set_tag("optuna.trial_state", "PRUNED")
+            mlflow.end_run("KILLED")
+        else:
+            mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
 
@@ -68,14 +84,36 @@ def log_params(params: Mapping[str, Any]) -> None:
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    """Start a fresh peak, so runs sharing a process (Optuna trials) each report their own.
+
+    On Linux CPU the process's RSS high-water mark is reset through ``/proc/self/clear_refs``;
+    elsewhere the CPU peak stays process-wide.
+    """
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _linux_peak_rss_kb() -> int | None:
+    """``VmHWM`` (peak RSS since start or the last reset), or None where /proc is absent."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 def peak_memory_mb(device: torch.device) -> tuple[float, str]:
     """(MiB, what it measures): CUDA max allocated on GPU, process peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_allocated"
+    hwm_kb = _linux_peak_rss_kb()
+    if hwm_kb is not None:
+        return hwm_kb / 1024, "process_peak_rss"
     rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     scale = 1 / 2**20 if sys.platform == "darwin" else 1 / 1024  # bytes on macOS, KiB on Linux
     return rss_kb * scale, "process_peak_rss"
@@ -98,3 +136,82 @@ def log_directory(path: str | Path, artifact_path: str) -> None:
 
 def scratch_dir(prefix: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix))
+
+
+# --------------------------------------------------------------------------- multi-process
+
+
+def process_rank() -> int:
+    """Global rank under torchrun/accelerate (``RANK``), 0 for a plain process."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+class Tracker:
+    """MLflow logging that only the main process does: under torchrun every rank runs the same
+    training code, and exactly one of them may write to the run."""
+
+    def __init__(self, enabled: bool | None = None):
+        self.enabled = process_rank() == 0 if enabled is None else enabled
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.enabled:
+            log_params(params)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.enabled:
+            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        if self.enabled:
+            mlflow.log_text(text, artifact_file)
+
+    def set_tag(self, key: str, value: Any) -> None:
+        if self.enabled:
+            mlflow.set_tag(key, value)
+
+    def log_csv(self, rows: Sequence[Mapping[str, Any]], artifact_file: str,
+                fieldnames: Sequence[str] | None = None) -> None:
+        if self.enabled:
+            log_csv(rows, artifact_file, fieldnames)
+
+    def log_directory(self, path: str | Path, artifact_path: str) -> None:
+        if self.enabled:
+            log_directory(path, artifact_path)
+
+
+@dataclass
+class _RunInfo:
+    run_id: str
+
+
+@dataclass
+class _NonMainRun:
+    """What ranks other than 0 get instead of an MLflow run: an id for output paths only."""
+
+    info: _RunInfo
+
+
+@contextlib.contextmanager
+def main_process_run(run_id: str | None = None, **kwargs) -> Iterator[Any]:
+    """``run(...)`` on rank 0; on other ranks a stand-in that touches no tracking server but
+    carries rank 0's run id (broadcast), so every rank shares ``outputs/<run_id>/``."""
+    if world_size() == 1:
+        with run(run_id=run_id, **kwargs) as active:
+            yield active
+        return
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState()  # the process group the Trainer uses (gloo on CPU, NCCL on GPUs)
+    if process_rank() == 0:
+        with run(run_id=run_id, **kwargs) as active:
+            dist.broadcast_object_list([active.info.run_id], src=0)
+            yield active
+    else:
+        shared = [None]
+        dist.broadcast_object_list(shared, src=0)
+        yield _NonMainRun(_RunInfo(shared[0]))

@@ -261,14 +261,15 @@ class EncoderCacheInUse:
 
 def _prepare_encoder_cache(cfg: ExperimentConfig, model: torch.nn.Module,
                            datasets: Sequence[SpeechDataset], features: MelFeatures,
-                           device: torch.device) -> EncoderCacheInUse | None:
+                           device: torch.device, mlf: tracking.Tracker
+                           ) -> EncoderCacheInUse | None:
     """Fill the frozen-encoder cache for every utterance, or say (in the run) why not."""
     encoder = whisper_encoder(model)
     k = frozen_encoder_layers(cfg.finetuning, len(encoder.layers))
     refusal = cache_refusal(encoder, k, cfg.training.cache_encoder)
-    mlflow.log_param("cache.encoder_active", refusal is None)
+    mlf.log_params({"cache.encoder_active": refusal is None})
     if refusal is not None:
-        mlflow.set_tag("cache.encoder_refusal", refusal)
+        mlf.set_tag("cache.encoder_refusal", refusal)
         log.info("encoder cache off: %s", refusal)
         return None
     split = EncoderSplit(encoder, k)
@@ -286,11 +287,11 @@ def _prepare_encoder_cache(cfg: ExperimentConfig, model: torch.nn.Module,
             batch_size=cfg.evaluation.batch_size, device=device,
             dtype=dtype if dtype in (torch.float32, torch.float16, torch.bfloat16)
             else torch.float32)
-    mlflow.log_metrics({"cache_encoder_fill_s": time.perf_counter() - started,
+    mlf.log_metrics({"cache_encoder_fill_s": time.perf_counter() - started,
                         "cache_encoder_computed": computed})
     missing = [key for d in datasets for key in d.keys if store.get(key) is None]
     if missing:
-        mlflow.set_tag("cache.encoder_refusal", "over the memory budget and no cache_dir")
+        mlf.set_tag("cache.encoder_refusal", "over the memory budget and no cache_dir")
         log.warning("encoder cache off: %d arrays did not fit the memory budget and "
                     "training.cache_dir is empty", len(missing))
         return None
@@ -305,7 +306,7 @@ def _prepare_encoder_cache(cfg: ExperimentConfig, model: torch.nn.Module,
 class TrainResult:
     run_id: str
     model_dir: Path
-    final: EvalResult
+    final: EvalResult | None  # None on ranks other than 0 in multi-process training
     metrics: dict[str, float]
 
 
@@ -339,15 +340,15 @@ def resume(run_id: str, tracking_uri: str | None = None) -> TrainResult:
     return train(cfg, resume_run_id=run_id)
 
 
-def _log_data(split: DatasetSplit) -> None:
-    mlflow.log_params({"data.n_train": len(split.train), "data.n_eval": len(split.eval),
+def _log_data(split: DatasetSplit, mlf: tracking.Tracker) -> None:
+    mlf.log_params({"data.n_train": len(split.train), "data.n_eval": len(split.eval),
                        "data.split_method": split.split_method})
-    tracking.log_csv(split.split_rows(), "data/split.csv")
-    tracking.log_csv([vars(p) for p in split.skipped], "data/skipped_rows.csv",
+    mlf.log_csv(split.split_rows(), "data/split.csv")
+    mlf.log_csv([vars(p) for p in split.skipped], "data/skipped_rows.csv",
                      fieldnames=["where", "file", "message"])
-    mlflow.log_metric("data.skipped_rows", len(split.skipped))
+    mlf.log_metrics({"data.skipped_rows": len(split.skipped)})
     if split.notices:
-        mlflow.log_text("\n".join(split.notices) + "\n", "data/notices.txt")
+        mlf.log_text("\n".join(split.notices) + "\n", "data/notices.txt")
     for notice in split.notices:
         log.info(notice)
 
@@ -371,14 +372,18 @@ def train(
         tracking.configure(cfg.tracking.tracking_uri, cfg.tracking.experiment_name)
     run_name = cfg.tracking.run_name or f"{cfg.finetuning.strategy}-{Path(cfg.model.name).name}"
     run_tags = {"whisper_exp.entry_point": "train", **(tags or {})}
-    with tracking.run(run_name=run_name, nested=nested, tags=run_tags,
-                      run_id=resume_run_id) as active:
+    mlf = tracking.Tracker()  # under torchrun, only rank 0 logs
+    with tracking.main_process_run(run_name=run_name, nested=nested, tags=run_tags,
+                                   run_id=resume_run_id) as active:
         run_id = active.info.run_id
         if resume_run_id is None:
-            tracking.log_params(cfg.flat())
-            mlflow.log_params({"git_commit": tracking.git_commit() or "",
-                               "device": device.type})
-            mlflow.log_text(cfg.to_yaml(), "config.yaml")
+            mlf.log_params(cfg.flat())
+            world = tracking.world_size()
+            mlf.log_params({"git_commit": tracking.git_commit() or "", "device": device.type,
+                            "training.world_size": world,
+                            "training.effective_batch_size": cfg.training.batch_size
+                            * cfg.training.gradient_accumulation_steps * world})
+            mlf.log_text(cfg.to_yaml(), "config.yaml")
         tracking.reset_peak_memory(device)
 
         model, processor = load_base(cfg.model, cfg.finetuning, device)
@@ -387,10 +392,10 @@ def train(
             count_label_tokens=lambda text: len(processor.tokenizer(text).input_ids),
             max_label_tokens=model.config.max_target_positions,
         )
-        _log_data(split)
+        _log_data(split, mlf)
         model = apply_strategy(model, cfg.finetuning)
         params = count_parameters(model)
-        mlflow.log_metrics({"trainable_params": params.trainable, "total_params": params.total,
+        mlf.log_metrics({"trainable_params": params.trainable, "total_params": params.total,
                             "trainable_percent": params.percent})
         log.info("trainable params: %d of %d (%.2f%%)", params.trainable, params.total,
                  params.percent)
@@ -407,7 +412,7 @@ def train(
                                           "float32")
             features.cache.reset_counters()
         encoder_cache = _prepare_encoder_cache(cfg, model, [train_set, eval_set], features,
-                                               device)
+                                               device, mlf)
         trainer_kwargs: dict[str, Any] = dict(
             model=model,
             args=training_arguments(cfg, output_dir / "trainer", device),
@@ -425,19 +430,21 @@ def train(
                                      data_collator=SpeechCollator(features, start_id))
         checkpoint = _last_checkpoint(output_dir / "trainer") if resume_run_id else None
         if resume_run_id:
-            mlflow.set_tag("resumed_from", checkpoint.name if checkpoint else "start")
+            mlf.set_tag("resumed_from", checkpoint.name if checkpoint else "start")
             log.info("resuming run %s from %s", run_id, checkpoint or "the start (no checkpoint)")
         started = time.perf_counter()
         outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         wall = time.perf_counter() - started
 
+        if not mlf.enabled:  # other ranks: the main process saves, evaluates and logs
+            return TrainResult(run_id, output_dir / "model", None, {})
         model_dir = save_trained(trainer.model, processor, output_dir / "model", cfg)
-        tracking.log_directory(model_dir, "model")
+        mlf.log_directory(model_dir, "model")
 
         model.eval()
         final = evaluate_examples(trainer.model, processor, split.eval, cfg.evaluation,
                                   language=language)
-        tracking.log_csv(final.rows, "eval/predictions.csv")
+        mlf.log_csv(final.rows, "eval/predictions.csv")
         peak, kind = tracking.peak_memory_mb(device)
         metrics = {
             "wer": final.scores.wer,
@@ -454,8 +461,8 @@ def train(
             metrics["cache_encoder_hit_rate"] = encoder_cache.store.hit_rate
         if features.cache is not None:
             metrics["cache_mel_hit_rate"] = features.cache.hit_rate
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None})
-        mlflow.set_tag("peak_memory_kind", kind)
+        mlf.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        mlf.set_tag("peak_memory_kind", kind)
         log.info("run %s: WER %.2f%%, CER %.2f%%", run_id, 100 * final.scores.wer,
                  100 * final.scores.cer)
         return TrainResult(run_id, model_dir, final, metrics)

@@ -1,0 +1,277 @@
+"""Export: merged Hugging Face and CTranslate2 models, faster-whisper parity with transformers,
+exports logged to their source run, and clear errors for bad arguments."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
+
+from whisper_exp.audio import load_audio
+from whisper_exp.cli import main
+from whisper_exp.config import load_config
+from whisper_exp.evaluation import transcribe_arrays
+from whisper_exp.export import (
+    ExportError,
+    export_model,
+    is_ctranslate2_model,
+    load_faster_whisper,
+    transcribe_with_faster_whisper,
+)
+from whisper_exp.metrics import make_normalizer, score
+from whisper_exp.modeling import apply_strategy, load_base, load_for_inference, save_trained
+
+CT2_FILES = {"model.bin", "config.json", "vocabulary.json", "tokenizer.json",
+             "preprocessor_config.json", "whisper_exp.json"}
+# A LoRA weight the default config adapts (q_proj, v_proj), checked before and after merging.
+ADAPTED_WEIGHT = "model.decoder.layers.1.self_attn.q_proj.weight"
+
+
+@pytest.fixture
+def experiment(tmp_path, monkeypatch) -> str:
+    """An experiment whose artifacts stay under tmp_path (not ./mlruns). The active experiment
+    that train()/set_experiment leave behind is restored afterwards: its id means nothing in
+    the next test's fresh tracking DB."""
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    name = "export-test"
+    mlflow.create_experiment(name, artifact_location=(tmp_path / "artifacts").as_uri())
+    return name
+
+
+def _dev_clips(dev_dir: Path, n: int = 4) -> tuple[list[np.ndarray], list[str]]:
+    with (dev_dir / "metadata.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))[:n]
+    return [load_audio(str(dev_dir / r["file_name"])) for r in rows], \
+        [r["transcription"] for r in rows]
+
+
+def _transformers_greedy(model_ref: str, clips: list[np.ndarray]) -> tuple[list[str], object]:
+    model, processor = load_for_inference(model_ref, torch.device("cpu"))
+    return transcribe_arrays(model, processor, clips, progress=False), processor.tokenizer
+
+
+def _assert_transcripts_agree(fast: list[str], slow: list[str], tokenizer) -> None:
+    """int8 CTranslate2 vs fp32 transformers: same words on most clips (measured on dev: 9 of
+    the first 12 identical, the rest one word apart)."""
+    exact = sum(f == s for f, s in zip(fast, slow, strict=True))
+    assert exact >= len(fast) - 1, list(zip(fast, slow, strict=True))
+    assert score(slow, fast, make_normalizer(tokenizer)).wer <= 0.15, (fast, slow)
+
+
+def _artifact_names(run_id: str, path: str) -> set[str]:
+    return {Path(item.path).name for item in MlflowClient().list_artifacts(run_id, path)}
+
+
+def test_tiny_en_ctranslate2_int8_transcribes_like_transformers(tiny_en_path, dev_dir, tmp_path):
+    out = export_model(str(tiny_en_path), tmp_path / "ct2", fmt="ctranslate2",
+                       quantization="int8")
+    assert is_ctranslate2_model(out)
+    assert {p.name for p in out.iterdir()} >= CT2_FILES
+    meta = json.loads((out / "whisper_exp.json").read_text())
+    assert meta["format"] == "ctranslate2" and meta["precision"] == "int8"
+    assert meta["merged_adapter"] is False
+
+    clips, references = _dev_clips(dev_dir)
+    fast = transcribe_with_faster_whisper(out, clips, compute_type="int8")
+    slow, tokenizer = _transformers_greedy(str(tiny_en_path), clips)
+    _assert_transcripts_agree(fast, slow, tokenizer)
+    assert score(references, fast, make_normalizer(tokenizer)).wer < 0.5, "it hears the speech"
+    # A plain folder comes from no run: nothing is logged anywhere.
+    assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+def _expected_merge(adapter_dir: Path, base_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base weight, base + scaling * B @ A) straight from the safetensors files, independent
+    of peft's merge code."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    adapter = load_file(adapter_dir / "adapter_model.safetensors")
+    prefix = "base_model.model." + ADAPTED_WEIGHT.removesuffix(".weight")
+    lora_a, lora_b = adapter[f"{prefix}.lora_A.weight"], adapter[f"{prefix}.lora_B.weight"]
+    base = load_file(base_dir / "model.safetensors")[ADAPTED_WEIGHT].float()
+    return base, base + (config["lora_alpha"] / config["r"]) * lora_b.float() @ lora_a.float()
+
+
+def _lora_run(tiny_en_path: Path, tmp_path: Path, experiment: str) -> tuple[str, Path]:
+    """A LoRA run laid out as train() leaves it (save_trained's adapter folder in
+    outputs/<run_id>/model, logged as model/), with lora_B set to what one Adam step at lr 1e-3
+    gives it (+-1e-3 per element): merging then visibly changes weights, without the half
+    minute a real training step takes here."""
+    cfg = load_config(None, {"model": {"name": str(tiny_en_path)},
+                             "finetuning": {"strategy": "lora"},
+                             "training": {"output_dir": str(tmp_path / "outputs")}})
+    model, processor = load_base(cfg.model, cfg.finetuning, torch.device("cpu"))
+    model = apply_strategy(model, cfg.finetuning)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                signs = torch.randint(0, 2, param.shape, generator=generator) * 2 - 1
+                param.copy_(signs * 1e-3)
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        model_dir = save_trained(model, processor,
+                                 Path(cfg.training.output_dir) / run.info.run_id / "model", cfg)
+        mlflow.log_artifacts(str(model_dir), "model")
+    return run.info.run_id, model_dir
+
+
+def test_lora_run_is_merged_converted_and_logged(tiny_en_path, dev_dir, tmp_path, experiment,
+                                                  monkeypatch):
+    from ctranslate2.converters import TransformersConverter
+
+    run_id, adapter_dir = _lora_run(tiny_en_path, tmp_path, experiment)
+    base_weight, merged_weight = _expected_merge(adapter_dir, tiny_en_path)
+    assert (merged_weight - base_weight).abs().max() > 1e-4, "the adapter changes weights"
+
+    # CTranslate2: the converter must be handed merged weights, not the base.
+    converted = {}
+    original_load = TransformersConverter.load_model
+
+    def spy_load(self, model_class, path, **kwargs):
+        converted["model"] = original_load(self, model_class, path, **kwargs)
+        return converted["model"]
+
+    monkeypatch.setattr(TransformersConverter, "load_model", spy_load)
+    ct2_dir = export_model(f"runs:/{run_id}", tmp_path / "ct2", fmt="ctranslate2",
+                           quantization="int8")
+    weight = converted["model"].state_dict()[ADAPTED_WEIGHT]
+    torch.testing.assert_close(weight, merged_weight, rtol=1e-4, atol=1e-5)
+    assert json.loads((ct2_dir / "whisper_exp.json").read_text())["merged_adapter"] is True
+    assert _artifact_names(run_id, "exports/ctranslate2-int8") >= CT2_FILES
+
+    clips, _ = _dev_clips(dev_dir)
+    fast = transcribe_with_faster_whisper(ct2_dir, clips)
+    slow, tokenizer = _transformers_greedy(f"runs:/{run_id}", clips)
+    _assert_transcripts_agree(fast, slow, tokenizer)
+
+    # Hugging Face, from the local training folder: outputs/<run_id>/model names its run.
+    hf_dir = export_model(str(adapter_dir), tmp_path / "hf", fmt="hf")
+    assert not (hf_dir / "adapter_config.json").exists()
+    saved = load_file(hf_dir / "model.safetensors")[ADAPTED_WEIGHT]
+    assert saved.dtype == torch.float32
+    torch.testing.assert_close(saved, merged_weight, rtol=1e-4, atol=1e-5)
+    assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+            "preprocessor_config.json"} <= _artifact_names(run_id, "exports/hf-float32")
+    assert mlflow.get_run(run_id).info.status == "FINISHED", "logging left the run as it was"
+
+
+def test_cli_exports_and_guards_the_output_folder(tiny_english_path, tmp_path):
+    out = tmp_path / "ct2"
+    args = ["export", "--model", str(tiny_english_path), "--format", "ctranslate2",
+            "--quantization", "int8", "--output", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"exported={out}" in result.output
+    assert is_ctranslate2_model(out)
+    tone = (0.1 * np.sin(np.arange(16_000) / 10)).astype(np.float32)
+    model = load_faster_whisper(out, compute_type="int8")
+    assert isinstance(transcribe_with_faster_whisper(model, [tone])[0], str)
+
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "is not empty" in again.output
+    replaced = CliRunner().invoke(main, [*args, "--overwrite", "--quantization", "float32"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads((out / "whisper_exp.json").read_text())["precision"] == "float32"
+
+
+class _RecordingWhisperModel:
+    """Stands in for faster_whisper.WhisperModel: records how it is asked to decode."""
+
+    class _Model:
+        is_multilingual = True
+
+    model = _Model()
+
+    def __init__(self):
+        self.calls: list[dict] = []
+
+    def transcribe(self, audio, **options):
+        from types import SimpleNamespace
+
+        self.calls.append(options)
+        return iter([SimpleNamespace(text=" Hello"), SimpleNamespace(text=" there.")]), None
+
+
+def test_multilingual_export_keeps_its_language_for_faster_whisper(tiny_multilingual_path,
+                                                                   tmp_path, monkeypatch):
+    out = export_model(str(tiny_multilingual_path), tmp_path / "ct2", fmt="ctranslate2")
+    assert json.loads((out / "whisper_exp.json").read_text())["language"] == "english"
+    assert json.loads((out / "config.json").read_text())["lang_ids"], "language ids converted"
+
+    fake = _RecordingWhisperModel()
+    monkeypatch.setattr("whisper_exp.export.load_faster_whisper", lambda *a, **k: fake)
+    tone = np.zeros(16_000, dtype=np.float32)
+    assert transcribe_with_faster_whisper(out, [tone]) == ["Hello there."]
+    assert transcribe_with_faster_whisper(fake, [tone], language="German", beam_size=4)
+    default, explicit = fake.calls
+    # The export's "english" reaches faster-whisper as the code it expects.
+    assert default["language"] == "en" and explicit["language"] == "de"
+    assert explicit["beam_size"] == 4
+    assert default["temperature"] == 0.0 and default["without_timestamps"] is True
+    assert default["condition_on_previous_text"] is False and default["vad_filter"] is False
+    with pytest.raises(ExportError, match="unknown language 'klingon'"):
+        transcribe_with_faster_whisper(fake, [tone], language="klingon")
+
+
+@pytest.mark.parametrize("fmt, quantization, model, message", [
+    ("onnx", None, "TINY", "unknown export format 'onnx'; use one of hf, ctranslate2"),
+    ("hf", "int8", "TINY", "int8 weights need --format ctranslate2"),
+    ("ctranslate2", "int4", "TINY", "quantization 'int4' is not available for ctranslate2"),
+    ("hf", None, "{tmp}/no/such/model", "model folder .* does not exist"),
+    ("hf", None, "{tmp}", "holds no Whisper model: no config.json"),
+    ("hf", None, "runs:/0123456789abcdef0123456789abcdef", "not found in MLflow"),
+])
+def test_bad_arguments_fail_before_any_work(tiny_english_path, tmp_path, fmt, quantization,
+                                            model, message):
+    model_ref = str(tiny_english_path) if model == "TINY" else model.format(tmp=tmp_path)
+    with pytest.raises(ExportError, match=message):
+        export_model(model_ref, tmp_path / "out", fmt=fmt, quantization=quantization)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_non_empty_folder_that_is_no_model_is_never_deleted(tiny_english_path, tmp_path):
+    (tmp_path / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match="refusing to delete"):
+        export_model(str(tiny_english_path), tmp_path, overwrite=True)
+    assert (tmp_path / "notes.txt").read_text() == "keep me"
+    with pytest.raises(ExportError, match="not a CTranslate2 model"):
+        load_faster_whisper(tiny_english_path)
+
+
+def test_cli_rejects_int8_for_hf(tiny_english_path, tmp_path):
+    result = CliRunner().invoke(main, ["export", "--model", str(tiny_english_path), "--format",
+                                       "hf", "--quantization", "int8", "--output",
+                                       str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "error: quantization 'int8' is not available for hf" in result.output
+
+
+def test_registered_versions_and_training_folders_name_their_run(tmp_path, experiment):
+    from whisper_exp.export import source_run_id
+
+    mlflow.set_experiment(experiment)
+    with mlflow.start_run() as run:
+        run_id = run.info.run_id
+    client = MlflowClient()
+    client.create_registered_model("whisper-exp")
+    version = client.create_model_version("whisper-exp", source=f"runs:/{run_id}/model",
+                                          run_id=run_id)
+    client.set_registered_model_alias("whisper-exp", "champion", version.version)
+    assert source_run_id("models:/whisper-exp@champion") == run_id
+    assert source_run_id(f"models:/whisper-exp/{version.version}") == run_id
+    assert source_run_id(f"runs:/{run_id}/model") == run_id
+    trained = tmp_path / "outputs" / run_id / "model"
+    trained.mkdir(parents=True)
+    assert source_run_id(str(trained)) == run_id
+    unknown = tmp_path / "outputs" / ("f" * 32) / "model"
+    unknown.mkdir(parents=True)
+    assert source_run_id(str(unknown)) is None
+    assert source_run_id("models:/no-such-model@champion") is None
