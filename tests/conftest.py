@@ -42,12 +42,19 @@ def sample_dir() -> Path:
 
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
-    """Every test tracks into its own SQLite file, never the developer's mlflow.db."""
+    """Every test tracks into its own SQLite file and artifact folder (it runs in its tmp_path,
+    where MLflow's default ./mlruns lands), never the developer's mlflow.db or ./mlruns."""
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
     import mlflow
+    import mlflow.tracking.fluent as fluent
 
+    # The active experiment id is process state: a previous test's set_experiment would point
+    # this test's fresh database at an experiment it does not have.
+    monkeypatch.setattr(fluent, "_active_experiment_id", None, raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     while mlflow.active_run():
         mlflow.end_run()
@@ -134,3 +141,29 @@ def tiny_multilingual_path(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_english_path(tmp_path_factory) -> Path:
     return _tiny_model_dir(tmp_path_factory.mktemp("models"), multilingual=False)
+
+
+POSTGRES_ADMIN = os.environ.get("WHISPER_EXP_TEST_POSTGRES",
+                                "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@pytest.fixture
+def postgres_url():
+    """A fresh PostgreSQL database for one test (created and dropped here); skipped when no
+    server answers at $WHISPER_EXP_TEST_POSTGRES (default: local trust-auth PostgreSQL)."""
+    import uuid
+
+    psycopg = pytest.importorskip("psycopg")
+    try:
+        admin = psycopg.connect(POSTGRES_ADMIN, connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"no PostgreSQL at {POSTGRES_ADMIN}: {exc}")
+    name = f"whisper_exp_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield POSTGRES_ADMIN.rsplit("/", 1)[0] + f"/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

@@ -29,6 +29,19 @@ def test_mlproject_entry_points_use_the_cli():
     assert project["conda_env"] == "conda.yaml"
 
 
+def test_mlproject_tune_entry_point_forwards_every_parameter():
+    project = yaml.safe_load((ROOT / "MLproject").read_text())
+    tune = project["entry_points"]["tune"]
+    required = {"config", "space", "model", "data", "eval_data", "n_trials", "timeout",
+                "study_name", "storage", "direction", "sampler", "pruner", "register_best"}
+    assert required <= set(tune["parameters"])
+    for name in tune["parameters"]:
+        assert f"{{{name}}}" in tune["command"], name
+    assert tune["command"].startswith("python -m whisper_exp.cli tune")
+    assert (ROOT / tune["parameters"]["space"]["default"]).is_file()
+    assert (ROOT / tune["parameters"]["config"]["default"]).is_file()
+
+
 def test_sample_data_ships_with_attribution():
     sample = ROOT / "data" / "sample"
     rows = (sample / "metadata.csv").read_text().splitlines()

@@ -26,6 +26,9 @@ _API = {
     "load_splits": "whisper_exp.data",
     "prepare_folder": "whisper_exp.data",
     "load_for_inference": "whisper_exp.modeling",
+    "transcribe_paths": "whisper_exp.transcribe",
+    "Transcriber": "whisper_exp.transcribe",
+    "register_run": "whisper_exp.registry",
 }
 
 __all__ = sorted(_API)

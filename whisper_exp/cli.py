@@ -73,14 +73,29 @@ def _common(func):
 @click.option("--batch-size", default="", help="Per-device train batch size.")
 @click.option("--freeze-encoder", default="", help="true | false.")
 @click.option("--gradient-checkpointing", default="", help="true | false.")
-def train(config_path, sets, **named):
+@click.option("--register", "register_name", default="", help="After training, register the "
+              "run's model in the MLflow Model Registry under this name (e.g. whisper-exp).")
+@click.option("--alias", default="", help="With --register: move this alias (e.g. champion) "
+              "to the new version.")
+@click.option("--resume", "resume_run_id", default="", help="Continue this crashed/killed run "
+              "from its last checkpoint, with its own config (other options are ignored).")
+def train(config_path, sets, register_name, alias, resume_run_id, **named):
     """Fine-tune Whisper and log params, curves, WER/CER, memory and the model to MLflow."""
+    from whisper_exp.training import resume
     from whisper_exp.training import train as run_training
 
-    cfg = resolve_config(config_path or None, named, sets)
-    result = run_training(cfg)
+    if alias and not register_name:
+        raise click.UsageError("--alias needs --register NAME")
+    if resume_run_id:
+        result = resume(resume_run_id, named.get("tracking_uri") or None)
+    else:
+        result = run_training(resolve_config(config_path or None, named, sets))
+    if result.final is None:  # a non-main rank under torchrun: rank 0 reports and registers
+        return
     click.echo(f"run_id={result.run_id} wer={result.final.scores.wer:.4f} "
                f"cer={result.final.scores.cer:.4f} model={result.model_dir}")
+    if register_name:
+        _register_and_report(result.run_id, register_name, alias, adapter_only=False)
 
 
 @main.command(context_settings=CONTEXT)
@@ -121,6 +136,197 @@ def prepare_data(folder, model, max_duration):
         click.echo(f"problem: {problem}", err=True)
     click.echo(f"{len(report.examples)} usable utterance(s), {len(report.problems)} problem(s)")
     sys.exit(1 if report.problems else 0)
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--model", required=True, help="Hub name, local path, runs:/<run_id>[/model] "
+              "or models:/<name>@<alias>; LoRA/QLoRA adapters are merged into their base.")
+@click.option("--format", "fmt", type=click.Choice(["hf", "ctranslate2"]), default="hf",
+              show_default=True, help="hf: merged Hugging Face model; ctranslate2: a model "
+              "faster-whisper loads.")
+@click.option("--quantization", default="", help="ctranslate2: int8 | int8_float32 | "
+              "int8_float16 | float16 | bfloat16 | float32 ...; hf: float32 | float16 | "
+              "bfloat16. Empty: float32.")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="Folder to write the exported model to.")
+@click.option("--overwrite", is_flag=True, help="Replace an earlier export in --output.")
+@click.option("--no-log", is_flag=True, help="Do not log the export to the model's MLflow run.")
+@click.option("--tracking-uri", default="", help="MLflow tracking URI (default: "
+              "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def export(model, fmt, quantization, output, overwrite, no_log, tracking_uri):
+    """Export a model as a merged Hugging Face folder or for faster-whisper (CTranslate2)."""
+    from whisper_exp import tracking
+    from whisper_exp.export import ExportError, export_model
+
+    tracking.configure(tracking_uri or None, None)
+    try:
+        path = export_model(model, output, fmt=fmt, quantization=quantization or None,
+                            log_to_run=not no_log, overwrite=overwrite)
+    except ExportError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"exported={path}")
+
+
+
+def _number_option(value: str, option: str, cast: type, default):
+    """Empty -> default, "none" -> None (no limit), else a number (MLproject passes strings)."""
+    if not value.strip():
+        return default
+    if value.strip().lower() == "none":
+        return None
+    try:
+        return cast(value)
+    except ValueError:
+        raise click.BadParameter(f"expected a number or 'none', got {value!r}",
+                                 param_hint=option) from None
+
+
+@main.command(context_settings=CONTEXT)
+@_common
+@click.option("--space", default="", help="Search-space YAML (default: "
+              "experiments/search/lora.yaml: LoRA r and learning rate).")
+@click.option("--model", default="", help="Hub name or local path of the base model.")
+@click.option("--data", default="", help="Training data (as for train).")
+@click.option("--eval-data", default="", help="Dev data every trial is scored on (else "
+              "data.eval_split is held out).")
+@click.option("--n-trials", default="", help="Total trials of the study, counted across resumes "
+              "and workers (default 20; 'none': until --timeout or Ctrl-C).")
+@click.option("--timeout", default="", help="Start no new trial after this many seconds.")
+@click.option("--study-name", default="", help="The same name resumes (or joins) a study "
+              "(default: <space>-<hash of config and space>).")
+@click.option("--storage", default="", help="Optuna storage URL (default sqlite:///optuna.db "
+              "here; postgresql://... to share a study between machines).")
+@click.option("--direction", default="", help="minimize (default) | maximize the final WER.")
+@click.option("--sampler", default="", help="tpe (default) | random.")
+@click.option("--pruner", default="", help="median (default) | hyperband | none | "
+              "threshold:<wer>.")
+@click.option("--seed", default="", help="Sampler seed (reproducible suggestions).")
+@click.option("--register-best", default="", help="Register the best trial's model under this "
+              "name.")
+@click.option("--register-alias", default="", help="Alias for that version (default challenger).")
+def tune(config_path, sets, space, n_trials, timeout, study_name, storage, direction, sampler,
+         pruner, seed, register_best, register_alias, **named):
+    """Optuna search over the config (LoRA rank, learning rate, ...), one nested run per trial."""
+    from whisper_exp import tuning
+
+    cfg = resolve_config(config_path or None, named, sets)
+    try:
+        result = tuning.tune(
+            cfg, space or tuning.DEFAULT_SPACE,
+            n_trials=_number_option(n_trials, "--n-trials", int, tuning.DEFAULT_N_TRIALS),
+            timeout=_number_option(timeout, "--timeout", float, None),
+            study_name=study_name or None,
+            storage=storage or tuning.DEFAULT_STORAGE,
+            direction=direction or "minimize",
+            sampler=sampler or "tpe",
+            pruner=pruner or "median",
+            seed=_number_option(seed, "--seed", int, None),
+            register_best=register_best or None,
+            register_alias=register_alias or "challenger",
+        )
+    except tuning.TuningError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(tuning.format_trials(result))
+    click.echo(f"study={result.study_name} storage={result.storage} "
+               f"parent_run_id={result.parent_run_id} best_run_id={result.best_run_id or ''}")
+    if result.interrupted:
+        sys.exit(130)
+
+
+def _register_and_report(run_id: str, name: str, alias: str, adapter_only: bool) -> None:
+    from whisper_exp.registry import RegistryError, register_run
+
+    try:
+        version = register_run(run_id, name=name, alias=alias or None,
+                               adapter_only=adapter_only)
+    except RegistryError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"registered={version.name} version={version.version} "
+               f"alias={alias or ''} uri=models:/{version.name}/{version.version}")
+
+
+@main.command(context_settings=CONTEXT)
+@click.option("--run", "run_id", required=True, help="Run id of a `whisper-exp train` run.")
+@click.option("--name", default="whisper-exp", show_default=True, help="Registered model name.")
+@click.option("--alias", default="", help="Move this alias (e.g. champion) to the new version.")
+@click.option("--adapter-only", is_flag=True, help="LoRA/QLoRA runs: register the adapter and "
+              "record its base model instead of the merged fp32 model.")
+@click.option("--tracking-uri", default="", help="MLflow tracking URI (default: "
+              "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def register(run_id, name, alias, adapter_only, tracking_uri):
+    """Register a run's model as a servable MLflow pyfunc (base64 audio in, text out)."""
+    from whisper_exp import tracking
+
+    tracking.configure(tracking_uri or None, None)
+    _register_and_report(run_id, name, alias, adapter_only)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--model", required=True, help="Hub name, local path, runs:/<run_id>[/model] "
+              "or models:/<name>@<alias>.")
+@click.option("-r", "--recursive", is_flag=True, help="Also transcribe audio in sub-folders.")
+@click.option("--format", "fmt", type=click.Choice(["txt", "json", "srt", "vtt"]), default=None,
+              help="Also write <stem>.<format> per file (json/srt/vtt carry timed segments).")
+@click.option("--output-dir", default="", help="Folder for --format files (default: next to "
+              "each audio file).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Clips up to 30 s decoded together.")
+@click.option("--num-beams", default=1, show_default=True, type=click.IntRange(1, 16),
+              help="Beam size (1 = greedy).")
+@click.option("--language", default="", help="Multilingual models: language name or code "
+              "(default: the model's own).")
+@click.option("--timestamps", is_flag=True, help="Timed segments for clips up to 30 s too "
+              "(on for json/srt/vtt; recordings over 30 s always have them).")
+@click.option("--condition-on-prev-tokens", is_flag=True, help="Long-form: give each 30 s "
+              "window the previous window's text.")
+@click.option("--temperature-fallback", is_flag=True, help="Long-form: re-decode windows that "
+              "loop or look silent at higher temperatures (Whisper paper's heuristics).")
+@click.option("--max-new-tokens", default=None, type=click.IntRange(min=1),
+              help="Token limit per clip / 30 s window (default: the model's).")
+@click.option("--compare", "compare_with", default="", help="Base model: print both "
+              "transcripts side by side, with WER where references exist (metadata.csv in the "
+              "folder or a .txt beside the audio).")
+@click.option("--tracking-uri", default="", help="MLflow tracking URI for runs:/ and models:/.")
+def transcribe(paths, model, recursive, fmt, output_dir, batch_size, num_beams, language,
+               timestamps, condition_on_prev_tokens, temperature_fallback, max_new_tokens,
+               compare_with, tracking_uri):
+    """Transcribe audio files and folders; recordings over 30 s use long-form generation."""
+    from whisper_exp import tracking
+    from whisper_exp import transcribe as tx
+
+    tracking.configure(tracking_uri or None, None)
+    options = tx.DecodeOptions(
+        batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
+        return_timestamps=timestamps or fmt in ("json", "srt", "vtt"),
+        condition_on_prev_tokens=condition_on_prev_tokens,
+        temperature_fallback=temperature_fallback, language=language or None)
+    try:
+        if compare_with:
+            comparison = tx.compare_models(paths, model, compare_with, recursive=recursive,
+                                           options=options)
+            click.echo(tx.format_comparison(comparison))
+            transcripts = comparison.tuned
+        else:
+            files = tx.collect_audio_files(paths, recursive)
+            transcriber = tx.Transcriber.load(model)
+            transcripts = transcriber.transcribe_files(files, options)
+            click.echo(tx.format_console(transcripts))
+        if fmt:
+            for path in tx.write_transcripts(transcripts, fmt, output_dir or None):
+                click.echo(f"wrote {path}", err=True)
+    except tx.TranscribeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    failed = [t for t in transcripts if not t.ok]
+    for transcript in failed:
+        click.echo(f"error: {transcript.file}: {transcript.error}", err=True)
+    if failed:
+        click.echo(f"{len(failed)} of {len(transcripts)} file(s) failed", err=True)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

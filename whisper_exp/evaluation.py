@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,39 @@ log = logging.getLogger(__name__)
 
 
 @torch.inference_mode()
+def generate_batches(
+    model: WhisperForConditionalGeneration,
+    processor: WhisperProcessor,
+    audios: Sequence[np.ndarray],
+    *,
+    batch_size: int = 16,
+    progress: bool = True,
+    on_batch: Callable[[int], None] | None = None,
+    **generate_kwargs: Any,
+) -> list[torch.Tensor]:
+    """Generated token ids per clip (each up to 30 s), in input order.
+
+    Batches are length-sorted so padding is rare; ``generate_kwargs`` go to ``model.generate``
+    (``num_beams``, ``return_timestamps``, ``language`` ...); ``on_batch(n)`` is called after
+    each batch of ``n`` clips (for progress over files).
+    """
+    order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
+    ids: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(audios)
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc="transcribing", unit="batch", disable=not progress):
+        features = processor.feature_extractor(
+            [audios[i] for i in batch], sampling_rate=SAMPLE_RATE, return_tensors="pt"
+        ).input_features.to(device, dtype)
+        generated = model.generate(input_features=features, **generate_kwargs)
+        for index, row in zip(batch, generated.cpu(), strict=True):
+            ids[index] = row
+        if on_batch is not None:
+            on_batch(len(batch))
+    return ids
+
+
 def transcribe_arrays(
     model: WhisperForConditionalGeneration,
     processor: WhisperProcessor,
@@ -36,22 +69,10 @@ def transcribe_arrays(
     max_new_tokens: int = 128,
     progress: bool = True,
 ) -> list[str]:
-    """Batched decoding of clips up to 30 s; batches are length-sorted so padding is rare."""
-    order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
-    texts: list[str] = [""] * len(audios)
-    device = next(model.parameters()).device
-    dtype = next(model.parameters()).dtype
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for batch in tqdm(batches, desc="transcribing", unit="batch", disable=not progress):
-        features = processor.feature_extractor(
-            [audios[i] for i in batch], sampling_rate=SAMPLE_RATE, return_tensors="pt"
-        ).input_features.to(device, dtype)
-        generated = model.generate(input_features=features, num_beams=num_beams,
-                                   max_new_tokens=max_new_tokens)
-        decoded = processor.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        for index, text in zip(batch, decoded, strict=True):
-            texts[index] = text.strip()
-    return texts
+    """Batched greedy (or beam) decoding of clips up to 30 s to plain text."""
+    ids = generate_batches(model, processor, audios, batch_size=batch_size, progress=progress,
+                           num_beams=num_beams, max_new_tokens=max_new_tokens)
+    return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]
 
 
 @dataclass

@@ -1,0 +1,76 @@
+"""Real server processes on loopback for tests: free ports, health waits, clean shutdown."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: float = 180):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
+
+
+def stop(process: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (the CLI and its workers), then SIGKILL."""
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@contextlib.contextmanager
+def running(args: list[str], log: Path, env: dict[str, str] | None = None,
+            cwd: Path | None = None) -> Iterator[tuple[str, subprocess.Popen]]:
+    """Start ``python -m <args> --host 127.0.0.1 --port <free>``, wait for /health, yield
+    (url, process), and always stop the whole process group."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log.open("wb") as handle:
+        process = subprocess.Popen([sys.executable, "-m", *args, "--host", "127.0.0.1",
+                                    "--port", str(port)],
+                                   env=env, cwd=cwd, stdout=handle, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    try:
+        wait_for_health(url, process, log)
+        yield url, process
+    finally:
+        stop(process)
+
+
+def model_server(model_uri: str, log: Path, env: dict[str, str] | None = None,
+                 cwd: Path | None = None):
+    """``mlflow models serve -m <uri> --env-manager local`` on a free loopback port."""
+    env = dict(env or os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return running(["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"],
+                   log, env, cwd)

@@ -1,0 +1,165 @@
+"""Serving the registered model: request validation (each bad request is a clear 400) and a real
+``mlflow models serve`` process on loopback, run with only the model's declared requirements
+importable."""
+
+from __future__ import annotations
+
+import base64
+import csv
+import importlib.metadata
+import io
+import math
+import os
+import re
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+import soundfile as sf
+from mlflow.exceptions import MlflowException
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from servers import model_server
+
+from whisper_exp.audio import SAMPLE_RATE, load_audio
+from whisper_exp.metrics import english_normalizer, score
+from whisper_exp.registry import register_run, serving_requirements
+from whisper_exp.serving import decode_request
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _wav_bytes(audio: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def _over_30_minutes_flac() -> bytes:
+    """31 minutes of silence at 1 kHz: a small, valid file whose header says it is too long."""
+    buffer = io.BytesIO()
+    sf.write(buffer, np.zeros(31 * 60 * 1000, dtype=np.int16), 1000, format="FLAC")
+    return buffer.getvalue()
+
+
+# Each bad request, and a piece of the message it must get back.
+BAD_REQUESTS = {
+    "not base64": ({"dataframe_records": [{"audio": "this is *not* base64!"}]},
+                   "row 0: 'audio' is not valid base64"),
+    "not audio": ({"dataframe_records": [{"audio": _b64(b"just some text, no audio")}]},
+                  "row 0: not a readable audio file"),
+    "empty": ({"dataframe_records": [{"audio": ""}]}, "row 0: 'audio' is empty"),
+    "over 30 minutes": ({"dataframe_records": [{"audio": _b64(_over_30_minutes_flac())}]},
+                        "over 30 minutes of audio"),
+    "wrong column": ({"dataframe_records": [{"file": _b64(b"RIFF")}]},
+                     "Model is missing inputs ['audio']"),
+}
+
+
+@pytest.mark.parametrize("name", [n for n in BAD_REQUESTS if n != "wrong column"])
+def test_bad_rows_are_invalid_parameter_errors(name):
+    payload, message = BAD_REQUESTS[name]
+    with pytest.raises(MlflowException, match=re.escape(message)) as caught:
+        decode_request(pd.DataFrame(payload["dataframe_records"]))
+    assert caught.value.get_http_status_code() == 400
+
+
+def test_request_shape_errors():
+    for frame, message in [(pd.DataFrame({"file": ["x"]}), "has no 'audio' column"),
+                           (pd.DataFrame({"audio": []}), "holds no rows"),
+                           (pd.DataFrame({"audio": [math.nan]}), "'audio' is empty"),
+                           (pd.DataFrame({"audio": [12]}), "must be a base64 string")]:
+        with pytest.raises(MlflowException, match=message):
+            decode_request(frame)
+
+
+def test_line_wrapped_base64_and_data_uri_are_accepted(sample_dir):
+    data = (sample_dir / "001350134.flac").read_bytes()
+    encoded = _b64(data)
+    wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
+    audios = decode_request(pd.DataFrame({"audio": [wrapped, "data:audio/flac;base64," + encoded]}))
+    expected = load_audio(sample_dir / "001350134.flac")
+    assert all(np.array_equal(audio, expected) for audio in audios)
+
+
+def _declared_distributions() -> set[str]:
+    """The model's requirements and everything they depend on (as installed here)."""
+    seen: set[str] = set()
+    todo = [canonicalize_name(Requirement(r).name) for r in serving_requirements()]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    return seen
+
+
+def _clean_environment(folder: Path) -> Path:
+    """A ``sitecustomize`` that makes every installed package outside the model's requirements
+    unimportable, so the server runs as it would in an environment built from them (whisper_exp
+    itself travels with the model as code)."""
+    allowed = _declared_distributions() | {"whisper-exp"}
+    blocked = sorted(
+        module for module, dists in importlib.metadata.packages_distributions().items()
+        if module.isidentifier() and not any(canonicalize_name(d) in allowed for d in dists))
+    assert "peft" in blocked, "a merged model must serve without peft"
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"for _name in {blocked!r}:\n"
+        "    sys.modules.setdefault(_name, None)\n")
+    return folder
+
+
+def test_mlflow_models_serve_transcribes_and_rejects_bad_requests(tiny_en_path, dev_dir,
+                                                                   tmp_path):
+    mlflow.create_experiment("serving-test", artifact_location=(tmp_path / "mlruns").as_uri())
+    mlflow.set_experiment("serving-test")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tiny_en_path), "model")
+    register_run(run.info.run_id, alias="champion")
+    rows = list(csv.DictReader((dev_dir / "metadata.csv").open(encoding="utf-8")))[:2]
+
+    env = dict(os.environ, PYTHONPATH=str(_clean_environment(tmp_path / "clean-env")))
+    with model_server("models:/whisper-exp@champion", tmp_path / "server.log", env,
+                      cwd=tmp_path) as (url, process):
+
+        def post(payload):
+            return requests.post(f"{url}/invocations", json=payload, timeout=120)
+
+        flac = (dev_dir / rows[0]["file_name"]).read_bytes()
+        wav = _wav_bytes(load_audio(dev_dir / rows[1]["file_name"]))
+        normalize = english_normalizer()
+        for data, row in ((flac, rows[0]), (wav, rows[1])):
+            answer = post({"dataframe_records": [{"audio": _b64(data)}]})
+            assert answer.status_code == 200, answer.text
+            text = answer.json()["predictions"][0]["text"]
+            assert score([row["transcription"]], [text], normalize).wer < 0.35, text
+
+        for name, (payload, message) in BAD_REQUESTS.items():
+            answer = post(payload)
+            assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text)
+            assert message in answer.json()["message"], (name, answer.text)
+
+        again = post({"dataframe_split": {"columns": ["audio"], "data": [[_b64(flac)]]},
+                      "params": {"return_timestamps": True}})
+        assert again.status_code == 200, "still serving after the bad requests"
+        prediction = again.json()["predictions"][0]
+        assert prediction["segments"] and prediction["segments"][0]["end"] > 0
+        assert process.poll() is None
+    assert process.returncode is not None

@@ -1,0 +1,176 @@
+"""Register a training run's model in the MLflow Model Registry as a servable pyfunc.
+
+The model is a models-from-code ``PythonModel`` (``pyfunc_model.py``) rather than the transformers
+flavor: that flavor's pyfunc decodes audio through an ffmpeg binary and its ``log_model`` infers
+requirements such as torchvision, while this one decodes with soundfile + soxr and lists exactly
+what it imports. LoRA/QLoRA adapters are merged into an fp32 base by default, so serving needs
+neither peft nor the base checkpoint; ``adapter_only`` keeps the small adapter and records the
+base it needs.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from whisper_exp.modeling import ADAPTER_CONFIG, METADATA_FILE, load_for_inference
+from whisper_exp.serving import MODEL_ARTIFACT, SIGNATURE
+
+log = logging.getLogger(__name__)
+
+DEFAULT_NAME = "whisper-exp"
+PACKAGE_DIR = Path(__file__).resolve().parent
+MODEL_CODE = PACKAGE_DIR / "pyfunc_model.py"
+# Distributions the pyfunc imports at serving time (whisper_exp itself travels as code).
+SERVING_DISTRIBUTIONS = ("mlflow", "torch", "transformers", "numpy", "pandas", "soundfile",
+                         "soxr", "jiwer", "pyyaml", "tqdm")
+# Metrics whose values also go into the version's description (all metrics become tags).
+HEADLINE_METRICS = ("wer", "cer", "base_wer", "wer_delta")
+
+
+class RegistryError(ValueError):
+    """The run cannot be registered: missing, unfinished, or without a model artifact."""
+
+
+def serving_requirements(adapter_only: bool = False) -> list[str]:
+    """Pinned to the versions installed here (local tags such as ``+cpu`` dropped, so pip on
+    another machine picks its own build)."""
+    names = SERVING_DISTRIBUTIONS + (("peft",) if adapter_only else ())
+    pins = []
+    for name in names:
+        version = importlib.metadata.version(name).split("+", 1)[0]
+        pins.append(f"{name}=={version}")
+    return pins
+
+
+def _checked_run(client: MlflowClient, run_id: str):
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise RegistryError(
+            f"run {run_id!r} not found at tracking URI {mlflow.get_tracking_uri()}; pass the "
+            "run id printed by `whisper-exp train` (or --tracking-uri for another store)"
+        ) from None
+    active = mlflow.active_run()
+    if run.info.status != "FINISHED" and not (active and active.info.run_id == run_id):
+        raise RegistryError(f"run {run_id} is {run.info.status}; only finished runs can be "
+                            "registered (train again, or pick a finished run)")
+    if not client.list_artifacts(run_id, "model"):
+        raise RegistryError(f"run {run_id} has no 'model' artifact; register a `whisper-exp "
+                            "train` run (evaluate runs log no model)")
+    return run
+
+
+def _merged_copy(adapter_dir: Path, out_dir: Path) -> dict:
+    """Adapter + base -> one fp32 Hugging Face model folder; returns its metadata."""
+    model, processor = load_for_inference(str(adapter_dir), device=None)
+    model.to("cpu").float()
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    meta_file = adapter_dir / METADATA_FILE
+    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+    meta["merged_adapter"] = True
+    (out_dir / METADATA_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return meta
+
+
+def _metric_text(value: float) -> str:
+    """Counts stay exact (``38350080``, not ``3.83501e+07``); rates keep 6 digits."""
+    return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
+
+
+def _description(run, packaging: str, base_model: str | None) -> str:
+    metrics = run.data.metrics
+    scores = ", ".join(f"{k} {metrics[k]:.4f}" for k in HEADLINE_METRICS if k in metrics)
+    strategy = run.data.params.get("finetuning.strategy", "unknown")
+    text = f"Whisper ({strategy}, {packaging}) from run {run.info.run_id}"
+    if base_model:
+        text += f"; base model {base_model}"
+    return text + (f". Eval: {scores}." if scores else ".")
+
+
+def register_run(run_id: str, name: str = DEFAULT_NAME, alias: str | None = None,
+                 adapter_only: bool = False) -> ModelVersion:
+    """Log the run's model as a pyfunc into that run, register it under ``name`` and link the
+    run's metrics (as version tags and in the description); ``alias`` is moved to the new
+    version."""
+    client = MlflowClient()
+    run = _checked_run(client, run_id)
+    with tempfile.TemporaryDirectory(prefix="whisper-exp-register-") as tmp:
+        downloaded = Path(mlflow.artifacts.download_artifacts(
+            run_id=run_id, artifact_path="model", dst_path=str(Path(tmp) / "download")))
+        # MLflow names the artifact folder after the source folder: keep it "model".
+        staged = Path(tmp) / "stage" / MODEL_ARTIFACT
+        is_adapter = (downloaded / ADAPTER_CONFIG).exists()
+        meta_file = downloaded / METADATA_FILE
+        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+        base_model = meta.get("base_model")
+        if is_adapter and not base_model:
+            adapter_cfg = json.loads((downloaded / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+            base_model = adapter_cfg.get("base_model_name_or_path")
+        if is_adapter and not adapter_only:
+            log.info("merging the LoRA adapter of run %s into its fp32 base %s", run_id,
+                     base_model)
+            try:
+                _merged_copy(downloaded, staged)
+            except OSError as exc:
+                raise RegistryError(
+                    f"cannot merge run {run_id}'s adapter: its base model {base_model!r} does not "
+                    f"load here ({exc}); make the base available or pass adapter_only=True "
+                    "(CLI: --adapter-only)") from None
+            packaging = "merged adapter, fp32"
+        else:
+            shutil.copytree(downloaded, staged)
+            packaging = "adapter only" if is_adapter else "full model"
+            if is_adapter and base_model and Path(base_model).exists():
+                log.warning("the adapter's base model is the local folder %s: serving needs "
+                            "it at that path", base_model)
+
+        active = mlflow.active_run()
+        resume = active is None or active.info.run_id != run_id
+        if resume:
+            mlflow.start_run(run_id=run_id, nested=active is not None)
+        try:
+            with warnings.catch_warnings():
+                # No input example on purpose: validating one would load the model and decode
+                # audio at registration; the explicit signature already describes the input.
+                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+                info = mlflow.pyfunc.log_model(
+                    name="registered_model",
+                    python_model=str(MODEL_CODE),
+                    artifacts={MODEL_ARTIFACT: str(staged)},
+                    code_paths=[str(PACKAGE_DIR)],
+                    signature=SIGNATURE,
+                    pip_requirements=serving_requirements(is_adapter and adapter_only),
+                    registered_model_name=name,
+                    metadata={"whisper_exp": {"source_run_id": run_id, "packaging": packaging,
+                                              "base_model": base_model}},
+                )
+        finally:
+            if resume:
+                mlflow.end_run()
+        version = str(info.registered_model_version)
+
+    tags = {"source_run_id": run_id, "packaging": packaging,
+            "strategy": run.data.params.get("finetuning.strategy", ""),
+            **({"base_model": base_model} if base_model else {}),
+            **{key: _metric_text(value) for key, value in run.data.metrics.items()}}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version,
+                                description=_description(run, packaging, base_model))
+    if alias:
+        client.set_registered_model_alias(name, alias, version)
+        log.info("alias %s@%s -> version %s", name, alias, version)
+    return client.get_model_version(name, version)
