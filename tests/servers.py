@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -68,9 +68,9 @@ def running(args: list[str], log: Path, env: dict[str, str] | None = None,
 
 
 def model_server(model_uri: str, log: Path, env: dict[str, str] | None = None,
-                 cwd: Path | None = None):
+                 cwd: Path | None = None, extra_args: Sequence[str] = ()):
     """``mlflow models serve -m <uri> --env-manager local`` on a free loopback port."""
     env = dict(env or os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return running(["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local"],
-                   log, env, cwd)
+    return running(["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
+                    *extra_args], log, env, cwd)
