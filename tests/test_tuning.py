@@ -405,7 +405,12 @@ def test_stale_trial_of_a_dead_worker_is_failed_and_queued_again(tmp_path):
     assert dead.data.tags["optuna.trial_state"] == "FAIL"
 
 
-def test_two_workers_share_one_sqlite_study(tiny_english_path, sample_dir, tmp_path):
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_workers_share_one_study(backend, tiny_english_path, sample_dir, tmp_path, request):
+    """Two `whisper-exp tune` processes on one Optuna RDB storage: SQLite here, PostgreSQL as a
+    team would use (a database created and dropped for this test)."""
+    storage = (_storage(tmp_path) if backend == "sqlite"
+               else request.getfixturevalue("postgres_url"))
     config = tmp_path / "config.yaml"
     tree = _tree(tiny_english_path, sample_dir, tmp_path)
     tree["training"]["max_steps"] = 1
@@ -414,7 +419,7 @@ def test_two_workers_share_one_sqlite_study(tiny_english_path, sample_dir, tmp_p
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     command = [sys.executable, "-m", "whisper_exp.cli", "tune", "--config", str(config),
                "--space", str(LORA_SPACE), "--study-name", "shared",
-               "--storage", _storage(tmp_path), "--n-trials", "3", "--sampler", "random",
+               "--storage", storage, "--n-trials", "3", "--sampler", "random",
                "--pruner", "none"]
     workers = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True) for _ in range(2)]
@@ -422,7 +427,7 @@ def test_two_workers_share_one_sqlite_study(tiny_english_path, sample_dir, tmp_p
     for worker, output in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, output[-3000:]
 
-    study = optuna.load_study(study_name="shared", storage=_storage(tmp_path))
+    study = optuna.load_study(study_name="shared", storage=storage)
     numbers = [t.number for t in study.trials]
     assert numbers == list(range(len(numbers))), "trial numbers never collide"
     assert 3 <= len(numbers) <= 4, "n_trials is the shared total (each worker may overshoot 1)"
