@@ -58,14 +58,24 @@ def _common(func):
     return func
 
 
+def _model_and_data(func):
+    """Base model and train/eval data options, shared by train and tune."""
+    options = [
+        click.option("--model", default="", help="Hub name or local path of the base model."),
+        click.option("--data", default="", help="Training data: folder (metadata.csv or .txt "
+                     "transcripts) or Hugging Face dataset."),
+        click.option("--eval-data", default="", help="Separate eval/dev data (else "
+                     "data.eval_split is held out, speaker-disjoint when speakers are known)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
 @main.command(context_settings=CONTEXT)
 @_common
 @click.option("--strategy", default="", help="full | lora | qlora.")
-@click.option("--model", default="", help="Hub name or local path of the base model.")
-@click.option("--data", default="", help="Training data: folder (metadata.csv or .txt "
-              "transcripts) or Hugging Face dataset.")
-@click.option("--eval-data", default="", help="Separate eval data (else data.eval_split is "
-              "held out, speaker-disjoint when speakers are known).")
+@_model_and_data
 @click.option("--learning-rate", default="", help="Peak learning rate.")
 @click.option("--lora-r", default="", help="LoRA rank.")
 @click.option("--epochs", default="", help="Training epochs.")
@@ -169,7 +179,8 @@ def export(model, fmt, quantization, output, overwrite, no_log, tracking_uri):
 
 
 
-def _number_option(value: str, option: str, cast: type, default):
+def _number_option(value: str, option: str, cast: type[int] | type[float],
+                   default: float | None) -> float | None:
     """Empty -> default, "none" -> None (no limit), else a number (MLproject passes strings)."""
     if not value.strip():
         return default
@@ -186,10 +197,7 @@ def _number_option(value: str, option: str, cast: type, default):
 @_common
 @click.option("--space", default="", help="Search-space YAML (default: "
               "experiments/search/lora.yaml: LoRA r and learning rate).")
-@click.option("--model", default="", help="Hub name or local path of the base model.")
-@click.option("--data", default="", help="Training data (as for train).")
-@click.option("--eval-data", default="", help="Dev data every trial is scored on (else "
-              "data.eval_split is held out).")
+@_model_and_data
 @click.option("--n-trials", default="", help="Total trials of the study, counted across resumes "
               "and workers (default 20; 'none': until --timeout or Ctrl-C).")
 @click.option("--timeout", default="", help="Start no new trial after this many seconds.")
@@ -235,12 +243,14 @@ def tune(config_path, sets, space, n_trials, timeout, study_name, storage, direc
         sys.exit(130)
 
 
-def _register_and_report(run_id: str, name: str, alias: str, adapter_only: bool) -> None:
+def _register_and_report(run_id: str, name: str, alias: str, adapter_only: bool,
+                         backend: str = "transformers", quantization: str = "") -> None:
     from whisper_exp.registry import RegistryError, register_run
 
     try:
         version = register_run(run_id, name=name, alias=alias or None,
-                               adapter_only=adapter_only)
+                               adapter_only=adapter_only, backend=backend,
+                               quantization=quantization or None)
     except RegistryError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -254,14 +264,20 @@ def _register_and_report(run_id: str, name: str, alias: str, adapter_only: bool)
 @click.option("--alias", default="", help="Move this alias (e.g. champion) to the new version.")
 @click.option("--adapter-only", is_flag=True, help="LoRA/QLoRA runs: register the adapter and "
               "record its base model instead of the merged fp32 model.")
+@click.option("--backend", type=click.Choice(["transformers", "ctranslate2"]),
+              default="transformers", show_default=True, help="What serves the model: the "
+              "Hugging Face model in transformers, or a CTranslate2 export in faster-whisper "
+              "(no torch at serving time).")
+@click.option("--quantization", default="", help="ctranslate2 backend: weight type of the export "
+              "(int8 | int8_float32 | int16 | float16 | bfloat16 | float32 ...). Empty: float32.")
 @click.option("--tracking-uri", default="", help="MLflow tracking URI (default: "
               "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
-def register(run_id, name, alias, adapter_only, tracking_uri):
+def register(run_id, name, alias, adapter_only, backend, quantization, tracking_uri):
     """Register a run's model as a servable MLflow pyfunc (base64 audio in, text out)."""
     from whisper_exp import tracking
 
     tracking.configure(tracking_uri or None, None)
-    _register_and_report(run_id, name, alias, adapter_only)
+    _register_and_report(run_id, name, alias, adapter_only, backend, quantization)
 
 
 @main.command(context_settings=CONTEXT)
