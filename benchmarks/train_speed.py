@@ -149,7 +149,9 @@ def run_whisper_exp(args, name: str) -> dict:
         "finetuning": {**options, "lora": {"r": 32}},
         "training": {"max_steps": args.steps, "batch_size": args.batch_size, "seed": 0,
                      "learning_rate": 1e-5 if options["strategy"] == "full" else 1e-3,
-                     "cache_dir": args.cache_dir, "logging_steps": 1000},
+                     "cache_dir": args.cache_dir, "logging_steps": 1000,
+                     # like the reference: no evaluation or checkpoints inside the timed loop
+                     "eval_steps": 10**9, "checkpoint_steps": -1},
         "evaluation": {"batch_size": 2, "max_new_tokens": 4},
         "tracking": {"experiment_name": "whisper-exp-benchmarks", "run_name": f"speed {name}"},
     }
@@ -187,7 +189,8 @@ def run_epochs(args) -> dict:
                  "eval_split": 0.1},
         "finetuning": {"strategy": "lora", "freeze_encoder": True},
         "training": {"epochs": 3, "batch_size": args.batch_size, "seed": 0,
-                     "cache_dir": tempfile.mkdtemp(), "logging_steps": 1000},
+                     "cache_dir": tempfile.mkdtemp(), "logging_steps": 1000,
+                     "eval_steps": 10**9, "checkpoint_steps": -1},
         "evaluation": {"batch_size": 2, "max_new_tokens": 4},
         "tracking": {"experiment_name": "whisper-exp-benchmarks", "run_name": "speed 3 epochs"},
     })

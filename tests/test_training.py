@@ -126,3 +126,13 @@ def test_cpu_run_uses_fp32(tiny_english_path, sample_dir, tmp_path):
     cfg = _cfg(tiny_english_path, sample_dir, tmp_path, strategy="lora")
     args = training_arguments(cfg, tmp_path, torch.device("cpu"))
     assert not args.fp16 and not args.bf16
+
+
+@pytest.mark.parametrize("steps, strategy", [(0, "epoch"), (5, "steps"), (-1, "no")])
+def test_checkpoint_schedule(tiny_english_path, sample_dir, tmp_path, steps, strategy):
+    from whisper_exp.training import training_arguments
+
+    cfg = _cfg(tiny_english_path, sample_dir, tmp_path, strategy="lora")
+    cfg.training.checkpoint_steps = steps
+    args = training_arguments(cfg, tmp_path, torch.device("cpu"))
+    assert args.save_strategy == strategy

@@ -99,7 +99,8 @@ class TrainingConfig:
     dataloader_workers: int = 0
     # Per-run outputs go to <output_dir>/<mlflow run id>/ (trainer checkpoints, final model).
     output_dir: str = "outputs"
-    # Trainer checkpoints for --resume: every N optimizer steps; 0 = at the end of each epoch.
+    # Trainer checkpoints for --resume: every N optimizer steps; 0 = at the end of each epoch;
+    # -1 = none (short runs, Optuna trials, benchmarks).
     checkpoint_steps: int = 0
     checkpoints_kept: int = 2
     # Cache log-mel features, and the frozen encoder part's output when the encoder (or its

@@ -221,7 +221,8 @@ def training_arguments(cfg: ExperimentConfig, output_dir: Path, device: torch.de
         lr_scheduler_type=t.lr_scheduler,
         logging_steps=t.logging_steps,
         logging_first_step=True,
-        save_strategy="steps" if t.checkpoint_steps > 0 else "epoch",
+        save_strategy=("steps" if t.checkpoint_steps > 0
+                       else "epoch" if t.checkpoint_steps == 0 else "no"),
         save_steps=t.checkpoint_steps if t.checkpoint_steps > 0 else 500,
         save_total_limit=t.checkpoints_kept,
         predict_with_generate=True,
