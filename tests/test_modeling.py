@@ -117,3 +117,21 @@ def test_unknown_strategy_is_rejected(tiny_english_path):
     model, _ = load_base(ModelConfig(name=str(tiny_english_path)))
     with pytest.raises(ValueError, match="unknown strategy"):
         apply_strategy(model, FinetuningConfig(strategy="prefix", lora=LoraConfig()))
+
+
+@pytest.mark.parametrize("strategy", ["full", "lora"])
+def test_gradient_checkpointing_trains_with_the_same_loss(tiny_english_path, strategy):
+    feats = torch.randn(1, 80, 3000)
+    labels = torch.tensor([[50257, 400, 50256]])
+    losses = []
+    for checkpointing in (False, True):
+        model, _, _ = _strategy(tiny_english_path, strategy=strategy,
+                                gradient_checkpointing=checkpointing)
+        model.train()
+        loss = model(input_features=feats, labels=labels).loss
+        loss.backward()
+        assert any(p.grad is not None for p in model.parameters() if p.requires_grad)
+        losses.append(loss.item())
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        assert base.is_gradient_checkpointing == checkpointing
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)

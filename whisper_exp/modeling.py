@@ -160,10 +160,10 @@ def _freeze_encoder_bottom(encoder: torch.nn.Module, k: int) -> None:
 
 def _enable_checkpointing(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
     # transformers 5 renamed gradient_checkpointing_enable (deprecated, removed in v6).
-    enable = getattr(model, "activation_checkpointing_enable", None)
-    if enable is None:
-        enable = model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def apply_strategy(model: WhisperForConditionalGeneration, cfg: FinetuningConfig
