@@ -381,7 +381,7 @@ def open_storage(url: str, heartbeat_interval: int | None = 60) -> optuna.storag
         heartbeat = {"heartbeat_interval": heartbeat_interval,
                      "grace_period": 3 * heartbeat_interval,
                      "heartbeat_stale_trial_callback": _stale_trial_handler(retry)}
-    from sqlalchemy.exc import IntegrityError, OperationalError
+    from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 
     failures = 0
     while True:
@@ -389,9 +389,10 @@ def open_storage(url: str, heartbeat_interval: int | None = 60) -> optuna.storag
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
-        except (OperationalError, IntegrityError) as exc:
-            # Workers started together on a fresh database race to create its tables (or the
-            # server is briefly unreachable): wait and retry a few times.
+        except (OperationalError, IntegrityError, ProgrammingError) as exc:
+            # Workers started together on a fresh database race to create its tables
+            # (PostgreSQL: "type studydirection already exists" is a ProgrammingError), or the
+            # server is briefly unreachable: wait and retry a few times.
             failures += 1
             if failures >= 5:
                 raise TuningError(f"cannot open Optuna storage {redact_storage(url)}: {exc}"
