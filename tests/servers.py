@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import signal
 import socket
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import pytest
 import requests
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 
 def free_port() -> int:
@@ -74,3 +77,40 @@ def model_server(model_uri: str, log: Path, env: dict[str, str] | None = None,
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return running(["mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                     *extra_args], log, env, cwd)
+
+
+def declared_distributions(requirements: list[str]) -> set[str]:
+    """The requirements and everything they depend on (as installed here)."""
+    seen: set[str] = set()
+    todo = [canonicalize_name(Requirement(r).name) for r in requirements]
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for line in requires:
+            requirement = Requirement(line)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(canonicalize_name(requirement.name))
+    return seen
+
+
+def clean_environment(folder: Path, requirements: list[str]) -> tuple[Path, list[str]]:
+    """A ``sitecustomize`` (put ``folder`` on PYTHONPATH) that makes every installed package
+    outside a model's requirements unimportable, so a server runs as it would in an environment
+    built from them (whisper_exp itself travels with the model as code). Returns the folder and
+    the blocked top-level modules."""
+    allowed = declared_distributions(requirements) | {"whisper-exp"}
+    blocked = sorted(
+        module for module, dists in importlib.metadata.packages_distributions().items()
+        if module.isidentifier() and not any(canonicalize_name(d) in allowed for d in dists))
+    folder.mkdir()
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        f"for _name in {blocked!r}:\n"
+        "    sys.modules.setdefault(_name, None)\n")
+    return folder, blocked

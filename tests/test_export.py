@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from whisper_exp.audio import load_audio
 from whisper_exp.cli import main
 from whisper_exp.config import load_config
+from whisper_exp.decoding import TranscribeError
 from whisper_exp.evaluation import transcribe_arrays
 from whisper_exp.export import (
     ExportError,
@@ -207,7 +208,8 @@ def test_multilingual_export_keeps_its_language_for_faster_whisper(tiny_multilin
     assert json.loads((out / "config.json").read_text())["lang_ids"], "language ids converted"
 
     fake = _RecordingWhisperModel()
-    monkeypatch.setattr("whisper_exp.export.load_faster_whisper", lambda *a, **k: fake)
+    monkeypatch.setattr("whisper_exp.ctranslate2_backend.load_faster_whisper",
+                        lambda *a, **k: fake)
     tone = np.zeros(16_000, dtype=np.float32)
     assert transcribe_with_faster_whisper(out, [tone]) == ["Hello there."]
     assert transcribe_with_faster_whisper(fake, [tone], language="German", beam_size=4)
@@ -217,7 +219,7 @@ def test_multilingual_export_keeps_its_language_for_faster_whisper(tiny_multilin
     assert explicit["beam_size"] == 4
     assert default["temperature"] == 0.0 and default["without_timestamps"] is True
     assert default["condition_on_previous_text"] is False and default["vad_filter"] is False
-    with pytest.raises(ExportError, match="unknown language 'klingon'"):
+    with pytest.raises(TranscribeError, match="unknown language 'klingon'"):
         transcribe_with_faster_whisper(fake, [tone], language="klingon")
 
 
@@ -242,7 +244,7 @@ def test_a_non_empty_folder_that_is_no_model_is_never_deleted(tiny_english_path,
     with pytest.raises(ExportError, match="refusing to delete"):
         export_model(str(tiny_english_path), tmp_path, overwrite=True)
     assert (tmp_path / "notes.txt").read_text() == "keep me"
-    with pytest.raises(ExportError, match="not a CTranslate2 model"):
+    with pytest.raises(TranscribeError, match="not a CTranslate2 model"):
         load_faster_whisper(tiny_english_path)
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import importlib.metadata
 import io
 import math
 import os
@@ -20,9 +19,7 @@ import pytest
 import requests
 import soundfile as sf
 from mlflow.exceptions import MlflowException
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
-from servers import model_server
+from servers import clean_environment, model_server
 
 from whisper_exp.audio import SAMPLE_RATE, load_audio
 from whisper_exp.metrics import english_normalizer, score
@@ -89,53 +86,26 @@ def test_line_wrapped_base64_and_data_uri_are_accepted(sample_dir):
     assert all(np.array_equal(audio, expected) for audio in audios)
 
 
-def _declared_distributions() -> set[str]:
-    """The model's requirements and everything they depend on (as installed here)."""
-    seen: set[str] = set()
-    todo = [canonicalize_name(Requirement(r).name) for r in serving_requirements()]
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        try:
-            requires = importlib.metadata.requires(name) or []
-        except importlib.metadata.PackageNotFoundError:
-            continue
-        for line in requires:
-            requirement = Requirement(line)
-            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
-                todo.append(canonicalize_name(requirement.name))
-    return seen
+# Registration options per backend; the ctranslate2 one also serves without torch.
+BACKENDS = {"transformers": {}, "ctranslate2": {"quantization": "int8"}}
 
 
-def _clean_environment(folder: Path) -> Path:
-    """A ``sitecustomize`` that makes every installed package outside the model's requirements
-    unimportable, so the server runs as it would in an environment built from them (whisper_exp
-    itself travels with the model as code)."""
-    allowed = _declared_distributions() | {"whisper-exp"}
-    blocked = sorted(
-        module for module, dists in importlib.metadata.packages_distributions().items()
-        if module.isidentifier() and not any(canonicalize_name(d) in allowed for d in dists))
-    assert "peft" in blocked, "a merged model must serve without peft"
-    folder.mkdir()
-    (folder / "sitecustomize.py").write_text(
-        "import sys\n"
-        f"for _name in {blocked!r}:\n"
-        "    sys.modules.setdefault(_name, None)\n")
-    return folder
-
-
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mlflow_models_serve_transcribes_and_rejects_bad_requests(tiny_en_path, dev_dir,
-                                                                   tmp_path):
+                                                                   tmp_path, backend):
     mlflow.create_experiment("serving-test", artifact_location=(tmp_path / "mlruns").as_uri())
     mlflow.set_experiment("serving-test")
     with mlflow.start_run() as run:
         mlflow.log_artifacts(str(tiny_en_path), "model")
-    register_run(run.info.run_id, alias="champion")
+    register_run(run.info.run_id, alias="champion", backend=backend, **BACKENDS[backend])
     rows = list(csv.DictReader((dev_dir / "metadata.csv").open(encoding="utf-8")))[:2]
 
-    env = dict(os.environ, PYTHONPATH=str(_clean_environment(tmp_path / "clean-env")))
+    clean_env, blocked = clean_environment(tmp_path / "clean-env",
+                                           serving_requirements(backend=backend))
+    assert "peft" in blocked, "a merged model must serve without peft"
+    if backend == "ctranslate2":
+        assert "torch" in blocked, "faster-whisper serving must not need torch"
+    env = dict(os.environ, PYTHONPATH=str(clean_env))
     with model_server("models:/whisper-exp@champion", tmp_path / "server.log", env,
                       cwd=tmp_path) as (url, process):
 
@@ -151,7 +121,9 @@ def test_mlflow_models_serve_transcribes_and_rejects_bad_requests(tiny_en_path, 
             text = answer.json()["predictions"][0]["text"]
             assert score([row["transcription"]], [text], normalize).wer < 0.35, text
 
-        for name, (payload, message) in BAD_REQUESTS.items():
+        bad_params = ({"dataframe_records": [{"audio": _b64(flac)}], "params": {"num_beams": 0}},
+                      "num_beams must be between 1 and 16, got 0")
+        for name, (payload, message) in {**BAD_REQUESTS, "bad params": bad_params}.items():
             answer = post(payload)
             assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text)
             assert message in answer.json()["message"], (name, answer.text)

@@ -16,13 +16,18 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
 import torch
 
+# The faster-whisper runtime lives in the torch-free ctranslate2_backend (a ctranslate2-backend
+# server imports it without torch); its functions stay importable from here.
+from whisper_exp.ctranslate2_backend import (  # noqa: F401
+    is_ctranslate2_model,
+    load_faster_whisper,
+    transcribe_with_faster_whisper,
+)
 from whisper_exp.modeling import (
     ADAPTER_CONFIG,
     METADATA_FILE,
@@ -30,9 +35,6 @@ from whisper_exp.modeling import (
     load_for_inference,
     resolve_model_reference,
 )
-
-if TYPE_CHECKING:
-    from faster_whisper import WhisperModel
 
 log = logging.getLogger(__name__)
 
@@ -236,71 +238,3 @@ def convert_to_ctranslate2(hf_dir: str | Path, output: Path, quantization: str |
     meta.update({"format": "ctranslate2", "precision": quantization or "float32"})
     (output / METADATA_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
     return output
-
-
-def is_ctranslate2_model(path: str | Path) -> bool:
-    """A CTranslate2 folder (``model.bin``) rather than a Hugging Face one (both have a
-    ``config.json``): lets callers pick the faster-whisper backend."""
-    return (Path(path) / "model.bin").is_file()
-
-
-# --------------------------------------------------------------------------- faster-whisper
-
-
-def load_faster_whisper(model_dir: str | Path, compute_type: str = "int8", device: str = "cpu",
-                        cpu_threads: int = 0) -> WhisperModel:
-    """Load an exported CTranslate2 folder (``cpu_threads=0``: CTranslate2's default)."""
-    from faster_whisper import WhisperModel
-
-    if not is_ctranslate2_model(model_dir):
-        raise ExportError(f"{model_dir} is not a CTranslate2 model (no model.bin); export it "
-                          "with --format ctranslate2 first")
-    return WhisperModel(str(model_dir), device=device, compute_type=compute_type,
-                        cpu_threads=cpu_threads)
-
-
-def _language_code(model_dir: str | Path | None, language: str | None) -> str | None:
-    """faster-whisper wants codes ("en"); this project's configs and metadata use names."""
-    if language is None and model_dir is not None:
-        meta_file = Path(model_dir) / METADATA_FILE
-        if meta_file.exists():
-            language = json.loads(meta_file.read_text(encoding="utf-8")).get("language")
-    if language is None:
-        return None
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
-    code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
-    if code not in LANGUAGES:
-        raise ExportError(f"unknown language {language!r}")
-    return code
-
-
-def transcribe_with_faster_whisper(
-    model_dir: str | Path | WhisperModel,
-    audios: Sequence[np.ndarray],
-    compute_type: str = "int8",
-    beam_size: int = 1,
-    language: str | None = None,
-) -> list[str]:
-    """Transcribe 16 kHz mono float32 clips with faster-whisper, decoded like
-    ``evaluation.transcribe_arrays``: one pass at temperature 0 (no sampling fallback, so results
-    are deterministic), no timestamps, no VAD, no previous-text prompt and no no-speech skipping.
-
-    ``model_dir`` is an exported folder (loaded with ``compute_type``) or, to reuse one across
-    calls, a ``WhisperModel`` from ``load_faster_whisper``; ``language`` (name or code) defaults
-    to the export's metadata, and multilingual models detect it when neither says.
-    """
-    if isinstance(model_dir, str | Path):
-        model = load_faster_whisper(model_dir, compute_type=compute_type)
-    else:
-        model, model_dir = model_dir, None
-    code = _language_code(model_dir, language) if model.model.is_multilingual else None
-    texts = []
-    for audio in audios:
-        segments, _ = model.transcribe(
-            np.asarray(audio, dtype=np.float32), language=code, beam_size=beam_size,
-            temperature=0.0, without_timestamps=True, condition_on_previous_text=False,
-            vad_filter=False, no_speech_threshold=None,
-        )
-        texts.append("".join(segment.text for segment in segments).strip())
-    return texts

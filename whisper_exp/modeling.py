@@ -22,10 +22,11 @@ from transformers import (
 )
 
 from whisper_exp.config import ExperimentConfig, FinetuningConfig, ModelConfig
+from whisper_exp.ctranslate2_backend import is_ctranslate2_model
+from whisper_exp.decoding import METADATA_FILE
 
 log = logging.getLogger(__name__)
 
-METADATA_FILE = "whisper_exp.json"  # written next to every saved model / adapter
 ADAPTER_CONFIG = "adapter_config.json"
 
 
@@ -257,6 +258,11 @@ def load_for_inference(reference: str, device: torch.device | None = None,
     device = device or default_device()
     path = resolve_model_reference(reference)
     local = Path(path)
+    if is_ctranslate2_model(local):
+        raise OSError(f"{reference} is a CTranslate2 model (an export or a version registered "
+                      "with backend ctranslate2): it runs in faster-whisper, not transformers; "
+                      "use the run it came from (runs:/<run_id>, the version's source_run_id "
+                      "tag) or a version registered with the transformers backend")
     meta = {}
     if (local / METADATA_FILE).exists():
         meta = json.loads((local / METADATA_FILE).read_text(encoding="utf-8"))

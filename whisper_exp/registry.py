@@ -5,7 +5,8 @@ flavor: that flavor's pyfunc decodes audio through an ffmpeg binary and its ``lo
 requirements such as torchvision, while this one decodes with soundfile + soxr and lists exactly
 what it imports. LoRA/QLoRA adapters are merged into an fp32 base by default, so serving needs
 neither peft nor the base checkpoint; ``adapter_only`` keeps the small adapter and records the
-base it needs.
+base it needs. ``backend="ctranslate2"`` registers a CTranslate2 export of the merged model
+instead, served by faster-whisper without torch (smaller, and faster on CPU).
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from whisper_exp.export import (
+    ExportError,
+    check_export_options,
+    convert_to_ctranslate2,
+    save_merged_hf,
+)
 from whisper_exp.modeling import ADAPTER_CONFIG, METADATA_FILE, load_for_inference
-from whisper_exp.serving import MODEL_ARTIFACT, SIGNATURE
+from whisper_exp.serving import BACKENDS, MODEL_ARTIFACT, SIGNATURE
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +41,10 @@ MODEL_CODE = PACKAGE_DIR / "pyfunc_model.py"
 # Distributions the pyfunc imports at serving time (whisper_exp itself travels as code).
 SERVING_DISTRIBUTIONS = ("mlflow", "torch", "transformers", "numpy", "pandas", "soundfile",
                          "soxr", "jiwer", "pyyaml", "tqdm")
+# The ctranslate2 backend: no torch; transformers only for its language table (it imports
+# without torch).
+CTRANSLATE2_SERVING_DISTRIBUTIONS = ("mlflow", "numpy", "pandas", "soundfile", "soxr",
+                                     "ctranslate2", "faster-whisper", "transformers")
 # Metrics whose values also go into the version's description (all metrics become tags).
 HEADLINE_METRICS = ("wer", "cer", "base_wer", "wer_delta")
 
@@ -42,10 +53,14 @@ class RegistryError(ValueError):
     """The run cannot be registered: missing, unfinished, or without a model artifact."""
 
 
-def serving_requirements(adapter_only: bool = False) -> list[str]:
+def serving_requirements(adapter_only: bool = False, backend: str = "transformers"
+                         ) -> list[str]:
     """Pinned to the versions installed here (local tags such as ``+cpu`` dropped, so pip on
     another machine picks its own build)."""
-    names = SERVING_DISTRIBUTIONS + (("peft",) if adapter_only else ())
+    if backend == "ctranslate2":
+        names = CTRANSLATE2_SERVING_DISTRIBUTIONS
+    else:
+        names = SERVING_DISTRIBUTIONS + (("peft",) if adapter_only else ())
     pins = []
     for name in names:
         version = importlib.metadata.version(name).split("+", 1)[0]
@@ -100,11 +115,37 @@ def _description(run, packaging: str, base_model: str | None) -> str:
     return text + (f". Eval: {scores}." if scores else ".")
 
 
+def check_backend_options(backend: str, quantization: str | None, adapter_only: bool) -> str:
+    """Refuse impossible combinations before anything is downloaded; returns the precision
+    (``float32`` for the transformers backend)."""
+    if backend not in BACKENDS:
+        raise RegistryError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
+    if backend == "transformers":
+        if quantization:
+            raise RegistryError(f"quantization {quantization!r} needs backend ctranslate2 "
+                                "(CLI: --backend ctranslate2); the transformers backend "
+                                "serves the fp32 model")
+        return "float32"
+    if adapter_only:
+        raise RegistryError("adapter_only (--adapter-only) registers a LoRA adapter for "
+                            "transformers; backend ctranslate2 needs the merged model")
+    try:
+        return check_export_options("ctranslate2", quantization)
+    except ExportError as exc:
+        raise RegistryError(str(exc)) from None
+
+
 def register_run(run_id: str, name: str = DEFAULT_NAME, alias: str | None = None,
-                 adapter_only: bool = False) -> ModelVersion:
+                 adapter_only: bool = False, backend: str = "transformers",
+                 quantization: str | None = None) -> ModelVersion:
     """Log the run's model as a pyfunc into that run, register it under ``name`` and link the
     run's metrics (as version tags and in the description); ``alias`` is moved to the new
-    version."""
+    version.
+
+    ``backend="ctranslate2"`` registers a CTranslate2 conversion of the (merged, fp32) model
+    with weights in ``quantization`` (e.g. ``int8``; default float32), served by faster-whisper.
+    """
+    precision = check_backend_options(backend, quantization, adapter_only)
     client = MlflowClient()
     run = _checked_run(client, run_id)
     with tempfile.TemporaryDirectory(prefix="whisper-exp-register-") as tmp:
@@ -119,7 +160,18 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, alias: str | None = None
         if is_adapter and not base_model:
             adapter_cfg = json.loads((downloaded / ADAPTER_CONFIG).read_text(encoding="utf-8"))
             base_model = adapter_cfg.get("base_model_name_or_path")
-        if is_adapter and not adapter_only:
+        if backend == "ctranslate2":
+            log.info("converting run %s's model to CTranslate2 (%s)", run_id, precision)
+            merged = Path(tmp) / "merged"
+            try:
+                save_merged_hf(str(downloaded), merged, source=f"runs:/{run_id}")
+                convert_to_ctranslate2(merged, staged, quantization)
+            except ExportError as exc:
+                raise RegistryError(f"cannot convert run {run_id}'s model to CTranslate2: "
+                                    f"{exc}; make its base model available or register with "
+                                    "the transformers backend") from None
+            packaging = f"ctranslate2 {precision}" + (", merged adapter" if is_adapter else "")
+        elif is_adapter and not adapter_only:
             log.info("merging the LoRA adapter of run %s into its fp32 base %s", run_id,
                      base_model)
             try:
@@ -152,17 +204,19 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, alias: str | None = None
                     artifacts={MODEL_ARTIFACT: str(staged)},
                     code_paths=[str(PACKAGE_DIR)],
                     signature=SIGNATURE,
-                    pip_requirements=serving_requirements(is_adapter and adapter_only),
+                    pip_requirements=serving_requirements(is_adapter and adapter_only, backend),
                     registered_model_name=name,
                     metadata={"whisper_exp": {"source_run_id": run_id, "packaging": packaging,
-                                              "base_model": base_model}},
+                                              "base_model": base_model, "backend": backend,
+                                              "precision": precision}},
                 )
         finally:
             if resume:
                 mlflow.end_run()
         version = str(info.registered_model_version)
 
-    tags = {"source_run_id": run_id, "packaging": packaging,
+    tags = {"source_run_id": run_id, "packaging": packaging, "backend": backend,
+            "precision": precision,
             "strategy": run.data.params.get("finetuning.strategy", ""),
             **({"base_model": base_model} if base_model else {}),
             **{key: _metric_text(value) for key, value in run.data.metrics.items()}}

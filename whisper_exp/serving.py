@@ -1,15 +1,17 @@
 """The registered model's pyfunc: base64 audio in, text (and timed segments) out.
 
 MLflow loads it through models-from-code (``pyfunc_model.py``). Audio is decoded with soundfile +
-soxr, so serving needs neither ffmpeg nor torchaudio. Every bad request raises an
-``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which ``mlflow models serve`` answers with
-HTTP 400 and the message, and keeps serving.
+soxr, so serving needs neither ffmpeg nor torchaudio; with the ctranslate2 backend it needs no
+torch either (this module and the faster-whisper path never import it). Every bad request
+raises an ``MlflowException`` with ``INVALID_PARAMETER_VALUE``, which ``mlflow models serve``
+answers with HTTP 400 and the message, and keeps serving.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import math
 import re
 import threading
@@ -34,9 +36,16 @@ from mlflow.types.schema import (
 )
 
 from whisper_exp.audio import AudioError, load_audio, probe
+from whisper_exp.ctranslate2_backend import FasterWhisperTranscriber, is_ctranslate2_model
+from whisper_exp.decoding import DecodeOptions, TranscribeError
 
 AUDIO_COLUMN = "audio"
-MODEL_ARTIFACT = "model"  # context.artifacts key of the Hugging Face model folder
+MODEL_ARTIFACT = "model"  # context.artifacts key of the model folder (HF or CTranslate2)
+BACKENDS = ("transformers", "ctranslate2")
+# The ctranslate2 backend runs the precision the export was made with; its CPU threads follow
+# OMP_NUM_THREADS (CTranslate2's default is 4). No pyfunc model_config carries them: MLflow would
+# log it as params of the training run the model is registered from.
+CTRANSLATE2_COMPUTE_TYPE = "default"
 MAX_REQUEST_AUDIO_S = 30 * 60
 REQUEST_EXAMPLE = '{"dataframe_records": [{"audio": "<base64 of the file bytes>"}]}'
 
@@ -157,20 +166,31 @@ def decode_request(model_input: Any, max_audio_s: float = MAX_REQUEST_AUDIO_S
 
 
 class WhisperPyfunc(mlflow.pyfunc.PythonModel):
-    """Transcribes base64-encoded audio files; over 30 s they use long-form generation."""
+    """Transcribes base64-encoded audio files; over 30 s they use long-form decoding.
+
+    The model folder picks the engine: a CTranslate2 export (``model.bin``, registered with
+    ``backend="ctranslate2"``) runs in faster-whisper, a Hugging Face folder in transformers.
+    Requests are validated and answered alike.
+    """
 
     def load_context(self, context) -> None:
-        from whisper_exp.transcribe import Transcriber
+        model_dir = context.artifacts[MODEL_ARTIFACT]
+        if is_ctranslate2_model(model_dir):
+            self.transcriber = FasterWhisperTranscriber.load(
+                model_dir, compute_type=CTRANSLATE2_COMPUTE_TYPE)
+            # CTranslate2 queues concurrent calls on its own workers, so request threads only
+            # overlap their audio decoding and feature extraction.
+            self._lock: contextlib.AbstractContextManager = contextlib.nullcontext()
+        else:
+            from whisper_exp.transcribe import Transcriber  # imports torch: only here
 
-        self.transcriber = Transcriber.load(context.artifacts[MODEL_ARTIFACT])
-        # The scoring server runs requests in threads; one model, one decode at a time.
-        self._lock = threading.Lock()
+            self.transcriber = Transcriber.load(model_dir)
+            # The scoring server runs requests in threads; one model, one decode at a time.
+            self._lock = threading.Lock()
 
     def predict(self, context, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
         """DataFrame with an ``audio`` column -> DataFrame with ``text`` (+ ``segments``)."""
-        from whisper_exp.transcribe import DecodeOptions, TranscribeError
-
         request = parse_params(params)
         options = DecodeOptions(num_beams=request.num_beams,
                                 max_new_tokens=request.max_new_tokens,

@@ -32,6 +32,14 @@ from whisper_exp.audio import (
     load_audio,
     probe,
 )
+from whisper_exp.decoding import (
+    Decoded,
+    DecodeOptions,
+    Segment,
+    TranscribeError,
+    check_decode_options,
+    language_code,
+)
 from whisper_exp.evaluation import generate_batches
 from whisper_exp.metrics import Scores, make_normalizer, score, utterance_wer
 from whisper_exp.modeling import is_multilingual, load_for_inference
@@ -47,26 +55,6 @@ FALLBACK_SETTINGS: dict[str, Any] = {
     "logprob_threshold": -1.0,
     "no_speech_threshold": 0.6,
 }
-_ENGLISH = {"en", "english", "<|en|>"}
-
-
-class TranscribeError(ValueError):
-    """Bad input to transcription: a missing path, an empty folder, an impossible option."""
-
-
-@dataclass
-class Segment:
-    start: float
-    end: float
-    text: str
-
-
-@dataclass
-class Decoded:
-    """What the model made of one recording."""
-
-    text: str
-    segments: list[Segment] = field(default_factory=list)
 
 
 @dataclass
@@ -91,22 +79,6 @@ class Transcript:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass
-class DecodeOptions:
-    """How to decode. ``language`` None keeps the model's own (English for ``.en`` models)."""
-
-    batch_size: int = 16
-    num_beams: int = 1
-    max_new_tokens: int | None = None
-    return_timestamps: bool = False
-    # Long-form only: feed each 30 s window the previous window's text (the Whisper paper's
-    # setting; more context, but a wrong window can propagate). Pair it with the fallback.
-    condition_on_prev_tokens: bool = False
-    # Long-form only: re-decode windows that look like loops or silence at higher temperatures.
-    temperature_fallback: bool = False
-    language: str | None = None
 
 
 # --------------------------------------------------------------------------- the model
@@ -139,44 +111,21 @@ class Transcriber:
         return is_multilingual(self.model)
 
     @property
-    def max_new_tokens_limit(self) -> int:
-        # The decoder prompt (start, language, task, no-timestamps) takes up to 4 positions.
-        return int(self.model.config.max_target_positions) - 4
+    def known_language_codes(self) -> set[str]:
+        """Codes the checkpoint has language tokens for (empty: any Whisper language)."""
+        known = getattr(self.model.generation_config, "lang_to_id", None) or {}
+        return {token.strip("<|>") for token in known}
 
     def check_options(self, options: DecodeOptions) -> None:
         """Reject options the model cannot honour, before any audio is decoded."""
-        if options.batch_size < 1:
-            raise TranscribeError(f"batch_size must be at least 1, got {options.batch_size}")
-        if not 1 <= options.num_beams <= 16:
-            raise TranscribeError(f"num_beams must be between 1 and 16, got {options.num_beams}")
-        limit = self.max_new_tokens_limit
-        if options.max_new_tokens is not None and not 1 <= options.max_new_tokens <= limit:
-            raise TranscribeError(f"max_new_tokens must be between 1 and {limit} for this "
-                                  f"model, got {options.max_new_tokens}")
-        self._language_argument(options.language)
+        check_decode_options(options, self.multilingual,
+                             int(self.model.config.max_target_positions),
+                             self.known_language_codes)
 
     def _language_argument(self, language: str | None) -> dict[str, str]:
         """``generate`` kwargs for a language request; English-only models take none."""
-        if not language:
-            return {}
-        wanted = language.strip().lower()
-        if not self.multilingual:
-            if wanted in _ENGLISH:
-                return {}
-            raise TranscribeError(
-                f"the model is English-only; it cannot transcribe language {language!r}. "
-                "Use a multilingual checkpoint (e.g. openai/whisper-tiny) or drop "
-                "the language option.")
-        from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
-        code = wanted.strip("<|>")
-        code = TO_LANGUAGE_CODE.get(code, code)
-        known = getattr(self.model.generation_config, "lang_to_id", None) or {}
-        if code not in LANGUAGES or (known and f"<|{code}|>" not in known):
-            raise TranscribeError(
-                f"unknown language {language!r}; use a Whisper language name or code such as "
-                "'english'/'en', 'german'/'de', 'french'/'fr'.")
-        return {"language": code}
+        code = language_code(language, self.multilingual, self.known_language_codes)
+        return {"language": code} if code else {}
 
     def _generate_kwargs(self, options: DecodeOptions) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"num_beams": options.num_beams,

@@ -1,0 +1,97 @@
+"""Decoding options and their validation, shared by both inference backends.
+
+``transcribe.Transcriber`` (transformers) and ``ctranslate2_backend.FasterWhisperTranscriber``
+(faster-whisper) check a request with the same rules and messages, so the registered model
+answers bad params alike whichever backend it carries. Kept free of torch: a ctranslate2-backend
+server imports this module and never loads torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+
+# Written next to every saved model, adapter and export (base model, language, task); defined
+# here so torch-free code reads it too.
+METADATA_FILE = "whisper_exp.json"
+MAX_NUM_BEAMS = 16
+# Positions the decoder prompt takes (start, language, task, no-timestamps): max_new_tokens must
+# leave room for them within the model's max_target_positions (448 for every Whisper size).
+PROMPT_POSITIONS = 4
+ENGLISH_NAMES = frozenset({"en", "english", "<|en|>"})
+
+
+class TranscribeError(ValueError):
+    """Bad input to transcription: a missing path, an empty folder, an impossible option."""
+
+
+@dataclass
+class Segment:
+    start: float
+    end: float
+    text: str
+
+
+@dataclass
+class Decoded:
+    """What the model made of one recording."""
+
+    text: str
+    segments: list[Segment] = field(default_factory=list)
+
+
+@dataclass
+class DecodeOptions:
+    """How to decode. ``language`` None keeps the model's own (English for ``.en`` models)."""
+
+    batch_size: int = 16
+    num_beams: int = 1
+    max_new_tokens: int | None = None
+    return_timestamps: bool = False
+    # Long-form only: feed each 30 s window the previous window's text (the Whisper paper's
+    # setting; more context, but a wrong window can propagate). Pair it with the fallback.
+    condition_on_prev_tokens: bool = False
+    # Long-form only: re-decode windows that look like loops or silence at higher temperatures.
+    temperature_fallback: bool = False
+    language: str | None = None
+
+
+def language_code(language: str | None, multilingual: bool,
+                  known_codes: Collection[str] | None = None) -> str | None:
+    """A requested language (name, code or ``<|code|>``) -> Whisper's code, or None for the
+    model's own. ``known_codes`` narrows the accepted codes to what the checkpoint has."""
+    if not language:
+        return None
+    wanted = language.strip().lower()
+    if not multilingual:
+        if wanted in ENGLISH_NAMES:
+            return None
+        raise TranscribeError(
+            f"the model is English-only; it cannot transcribe language {language!r}. "
+            "Use a multilingual checkpoint (e.g. openai/whisper-tiny) or drop "
+            "the language option.")
+    # The language table only: this module does not import torch or transformers' models.
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    code = wanted.strip("<|>")
+    code = TO_LANGUAGE_CODE.get(code, code)
+    if code not in LANGUAGES or (known_codes and code not in known_codes):
+        raise TranscribeError(
+            f"unknown language {language!r}; use a Whisper language name or code such as "
+            "'english'/'en', 'german'/'de', 'french'/'fr'.")
+    return code
+
+
+def check_decode_options(options: DecodeOptions, multilingual: bool, max_target_positions: int,
+                         known_codes: Collection[str] | None = None) -> None:
+    """Reject options the model cannot honour, before any audio is decoded."""
+    if options.batch_size < 1:
+        raise TranscribeError(f"batch_size must be at least 1, got {options.batch_size}")
+    if not 1 <= options.num_beams <= MAX_NUM_BEAMS:
+        raise TranscribeError(f"num_beams must be between 1 and {MAX_NUM_BEAMS}, got "
+                              f"{options.num_beams}")
+    limit = max_target_positions - PROMPT_POSITIONS
+    if options.max_new_tokens is not None and not 1 <= options.max_new_tokens <= limit:
+        raise TranscribeError(f"max_new_tokens must be between 1 and {limit} for this "
+                              f"model, got {options.max_new_tokens}")
+    language_code(options.language, multilingual, known_codes)
