@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import importlib.metadata
+import io
 import os
 import signal
 import socket
@@ -13,10 +15,23 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
+import soundfile as sf
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+
+def b64(data: bytes) -> str:
+    """File bytes as the served model's ``audio`` column expects them."""
+    return base64.b64encode(data).decode("ascii")
+
+
+def wav_bytes(audio: np.ndarray, sample_rate: int = 16_000) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, sample_rate, format="WAV", subtype="PCM_16")
+    return buffer.getvalue()
 
 
 def free_port() -> int:

@@ -4,9 +4,7 @@ backend; plus the transformers inference settings (SDPA attention) it is compare
 
 from __future__ import annotations
 
-import base64
 import csv
-import io
 import re
 from pathlib import Path
 
@@ -14,10 +12,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import soundfile as sf
 from click.testing import CliRunner
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from servers import b64, wav_bytes
 
 from whisper_exp.audio import SAMPLE_RATE, load_audio
 from whisper_exp.cli import main
@@ -36,16 +34,6 @@ def _experiment_in_tmp(tmp_path):
     """Registered models are full checkpoints: keep their artifacts in tmp_path."""
     mlflow.create_experiment("ct2-test", artifact_location=(tmp_path / "ct2-test").as_uri())
     mlflow.set_experiment("ct2-test")
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _wav_bytes(audio: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
 
 
 def _errors(model, request: pd.DataFrame, params: dict | None = None) -> str:
@@ -86,8 +74,8 @@ def test_registered_int8_export_serves_like_the_transformers_backend(tiny_en_pat
         joined.append(load_audio(dev_dir / rows[len(joined)]["file_name"]))
     recording = np.concatenate([x for clip in joined for x in (clip, pause)])
     request = pd.DataFrame({"audio": [
-        *(_b64((dev_dir / row["file_name"]).read_bytes()) for row in rows[:N_CLIPS]),  # flac
-        _b64(_wav_bytes(recording)),
+        *(b64((dev_dir / row["file_name"]).read_bytes()) for row in rows[:N_CLIPS]),  # flac
+        b64(wav_bytes(recording)),
     ]})
 
     fast = mlflow.pyfunc.load_model("models:/whisper-exp@fast")
@@ -117,7 +105,7 @@ def test_registered_int8_export_serves_like_the_transformers_backend(tiny_en_pat
     bad = [
         (pd.DataFrame({"audio": ["this is *not* base64!"]}), None,
          "row 0: 'audio' is not valid base64"),
-        (pd.DataFrame({"audio": [_b64(b"just some text")]}), None,
+        (pd.DataFrame({"audio": [b64(b"just some text")]}), None,
          "row 0: not a readable audio file"),
         (pd.DataFrame({"audio": [""]}), None, "row 0: 'audio' is empty"),
         (one_clip, {"num_beams": 17}, "num_beams must be between 1 and 16, got 17"),

@@ -4,9 +4,7 @@ references that load everywhere."""
 
 from __future__ import annotations
 
-import base64
 import csv
-import io
 import re
 from pathlib import Path
 
@@ -14,10 +12,10 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-import soundfile as sf
 import torch
 from click.testing import CliRunner
 from mlflow.tracking import MlflowClient
+from servers import b64, wav_bytes
 
 from whisper_exp.audio import SAMPLE_RATE, load_audio
 from whisper_exp.cli import main
@@ -41,16 +39,6 @@ def _model_run(model_dir: Path, metrics: dict[str, float]) -> str:
         mlflow.log_artifacts(str(model_dir), "model")
         mlflow.log_metrics(metrics)
     return run.info.run_id
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _wav_bytes(audio: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
 
 
 def test_register_links_metrics_moves_alias_and_serves_long_audio(tiny_en_path, dev_dir):
@@ -84,9 +72,9 @@ def test_register_links_metrics_moves_alias_and_serves_long_audio(tiny_en_path, 
     recording = np.concatenate([x for clip in clips for x in (clip, pause)])
     model = mlflow.pyfunc.load_model("models:/whisper-exp@champion")
     request = pd.DataFrame({"audio": [
-        _b64((dev_dir / rows[0]["file_name"]).read_bytes()),  # flac as stored
-        _b64(_wav_bytes(clips[1])),
-        _b64(_wav_bytes(recording)),
+        b64((dev_dir / rows[0]["file_name"]).read_bytes()),  # flac as stored
+        b64(wav_bytes(clips[1])),
+        b64(wav_bytes(recording)),
     ]})
     output = model.predict(request, params={"return_timestamps": True})
     assert list(output.columns) == ["text", "segments"] and len(output) == 3
@@ -147,7 +135,7 @@ def test_train_register_merges_lora_and_adapter_only_keeps_it(tiny_english_path,
     assert not (adapter_dir / "model.safetensors").exists()
     assert "peft==" in (adapter_dir.parent.parent / "requirements.txt").read_text()
 
-    clip = _b64((sample_dir / "001350134.flac").read_bytes())
+    clip = b64((sample_dir / "001350134.flac").read_bytes())
     request, params = pd.DataFrame({"audio": [clip]}), {"max_new_tokens": 6}
     from_merged = mlflow.pyfunc.load_model("models:/whisper-exp@champion").predict(request,
                                                                                   params=params)

@@ -4,7 +4,6 @@ importable."""
 
 from __future__ import annotations
 
-import base64
 import csv
 import io
 import math
@@ -19,24 +18,14 @@ import pytest
 import requests
 import soundfile as sf
 from mlflow.exceptions import MlflowException
-from servers import clean_environment, model_server
+from servers import b64, clean_environment, model_server, wav_bytes
 
-from whisper_exp.audio import SAMPLE_RATE, load_audio
+from whisper_exp.audio import load_audio
 from whisper_exp.metrics import english_normalizer, score
 from whisper_exp.registry import register_run, serving_requirements
 from whisper_exp.serving import decode_request
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode("ascii")
-
-
-def _wav_bytes(audio: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    sf.write(buffer, audio, SAMPLE_RATE, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
 
 
 def _over_30_minutes_flac() -> bytes:
@@ -50,12 +39,12 @@ def _over_30_minutes_flac() -> bytes:
 BAD_REQUESTS = {
     "not base64": ({"dataframe_records": [{"audio": "this is *not* base64!"}]},
                    "row 0: 'audio' is not valid base64"),
-    "not audio": ({"dataframe_records": [{"audio": _b64(b"just some text, no audio")}]},
+    "not audio": ({"dataframe_records": [{"audio": b64(b"just some text, no audio")}]},
                   "row 0: not a readable audio file"),
     "empty": ({"dataframe_records": [{"audio": ""}]}, "row 0: 'audio' is empty"),
-    "over 30 minutes": ({"dataframe_records": [{"audio": _b64(_over_30_minutes_flac())}]},
+    "over 30 minutes": ({"dataframe_records": [{"audio": b64(_over_30_minutes_flac())}]},
                         "over 30 minutes of audio"),
-    "wrong column": ({"dataframe_records": [{"file": _b64(b"RIFF")}]},
+    "wrong column": ({"dataframe_records": [{"file": b64(b"RIFF")}]},
                      "Model is missing inputs ['audio']"),
 }
 
@@ -79,7 +68,7 @@ def test_request_shape_errors():
 
 def test_line_wrapped_base64_and_data_uri_are_accepted(sample_dir):
     data = (sample_dir / "001350134.flac").read_bytes()
-    encoded = _b64(data)
+    encoded = b64(data)
     wrapped = "\n".join(encoded[i:i + 76] for i in range(0, len(encoded), 76))
     audios = decode_request(pd.DataFrame({"audio": [wrapped, "data:audio/flac;base64," + encoded]}))
     expected = load_audio(sample_dir / "001350134.flac")
@@ -113,22 +102,22 @@ def test_mlflow_models_serve_transcribes_and_rejects_bad_requests(tiny_en_path, 
             return requests.post(f"{url}/invocations", json=payload, timeout=120)
 
         flac = (dev_dir / rows[0]["file_name"]).read_bytes()
-        wav = _wav_bytes(load_audio(dev_dir / rows[1]["file_name"]))
+        wav = wav_bytes(load_audio(dev_dir / rows[1]["file_name"]))
         normalize = english_normalizer()
         for data, row in ((flac, rows[0]), (wav, rows[1])):
-            answer = post({"dataframe_records": [{"audio": _b64(data)}]})
+            answer = post({"dataframe_records": [{"audio": b64(data)}]})
             assert answer.status_code == 200, answer.text
             text = answer.json()["predictions"][0]["text"]
             assert score([row["transcription"]], [text], normalize).wer < 0.35, text
 
-        bad_params = ({"dataframe_records": [{"audio": _b64(flac)}], "params": {"num_beams": 0}},
+        bad_params = ({"dataframe_records": [{"audio": b64(flac)}], "params": {"num_beams": 0}},
                       "num_beams must be between 1 and 16, got 0")
         for name, (payload, message) in {**BAD_REQUESTS, "bad params": bad_params}.items():
             answer = post(payload)
             assert 400 <= answer.status_code < 500, (name, answer.status_code, answer.text)
             assert message in answer.json()["message"], (name, answer.text)
 
-        again = post({"dataframe_split": {"columns": ["audio"], "data": [[_b64(flac)]]},
+        again = post({"dataframe_split": {"columns": ["audio"], "data": [[b64(flac)]]},
                       "params": {"return_timestamps": True}})
         assert again.status_code == 200, "still serving after the bad requests"
         prediction = again.json()["predictions"][0]
