@@ -6,7 +6,8 @@ requirements such as torchvision, while this one decodes with soundfile + soxr a
 what it imports. LoRA/QLoRA adapters are merged into an fp32 base by default, so serving needs
 neither peft nor the base checkpoint; ``adapter_only`` keeps the small adapter and records the
 base it needs. ``backend="ctranslate2"`` registers a CTranslate2 export of the merged model
-instead, served by faster-whisper without torch (smaller, and faster on CPU).
+instead, served by faster-whisper without torch (tiny.en in int8: 41 MB of weights against
+151 MB in fp32).
 """
 
 from __future__ import annotations
