@@ -12,10 +12,9 @@ import argparse
 import csv
 import json
 import logging
-import platform
 from pathlib import Path
 
-import torch
+from machine import describe_machine
 
 from whisper_exp.config import resolve_config
 from whisper_exp.evaluation import run_evaluation
@@ -23,19 +22,6 @@ from whisper_exp.training import train
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU"
-    return (f"{device}; {cpu}; {torch.get_num_threads()} torch threads; torch {torch.__version__}")
 
 
 def main() -> None:
@@ -61,7 +47,6 @@ def main() -> None:
         "strategy": cfg.finetuning.strategy,
         "lora_r": cfg.finetuning.lora.r,
         "epochs": cfg.training.epochs,
-        "train_utterances": len(result.final.rows) and None,
         "wer_before": before.scores.wer,
         "wer_after": result.final.scores.wer,
         "relative_wer_reduction": 1 - result.final.scores.wer / before.scores.wer,
@@ -70,9 +55,8 @@ def main() -> None:
         "train_time_s": m["train_runtime_s"],
         "train_samples_per_s": m["train_samples_per_second"],
         "peak_memory_mb": m["peak_memory_mb"],
-        "trainable_params": None,
         "run_id": result.run_id,
-        "machine": machine(),
+        "machine": describe_machine(),
     }
     import mlflow
 

@@ -33,7 +33,6 @@ import contextlib
 import csv
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -42,6 +41,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from machine import describe_machine
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -228,23 +229,10 @@ def scratch_tracking_uri(workdir: Path) -> str:
 def machine() -> str:
     import ctranslate2
     import faster_whisper
-    import torch
     import transformers
 
-    cpu = platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    memory = ""
-    meminfo = Path("/proc/meminfo")
-    if meminfo.exists():
-        total_kb = int(meminfo.read_text().split("MemTotal:")[1].split()[0])
-        memory = f"; {total_kb / 2**20:.0f} GiB RAM"
-    return (f"{cpu}; {os.cpu_count()} cores{memory}; CPU only; torch {torch.__version__}, "
-            f"transformers {transformers.__version__}, ctranslate2 {ctranslate2.__version__}, "
-            f"faster-whisper {faster_whisper.__version__}")
+    return (f"{describe_machine()}, transformers {transformers.__version__}, ctranslate2 "
+            f"{ctranslate2.__version__}, faster-whisper {faster_whisper.__version__}")
 
 
 def write_report(rows: list[Row], header: list[str], out: Path) -> str:

@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from machine import describe_machine
+
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
 
@@ -223,21 +225,6 @@ def _child(args, name: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def machine() -> str:
-    import platform
-
-    import torch
-
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() \
-            else []:
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
-    return f"{device}; {cpu}; {os.cpu_count()} cores; torch {torch.__version__}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SHARED / "models/whisper-tiny.en"))
@@ -287,9 +274,9 @@ def main() -> None:
     for r in rows:
         r["ratio_vs_reference"] = r["samples_per_s"] / reference
     epochs = _child(args, "epochs")
-    header = (f"Machine: {machine()}. {args.subset} utterances of speechocean762 train, batch "
-              f"{args.batch_size}, {args.steps} steps per config, median s/step (first step "
-              "skipped); peak memory: process peak RSS on CPU, max allocated on CUDA.")
+    header = (f"Machine: {describe_machine()}. {args.subset} utterances of speechocean762 "
+              f"train, batch {args.batch_size}, {args.steps} steps per config, median s/step "
+              "(first step skipped); peak memory: process peak RSS on CPU, max allocated on CUDA.")
     lines = [header, "", "| config | s/step | samples/s | × reference | cache fill s | "
              "peak MB | trainable params |", "|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -331,7 +318,7 @@ def main() -> None:
     mlflow.set_experiment("whisper-exp-benchmarks")
     with mlflow.start_run(run_name="train_speed summary"):
         mlflow.log_params({"steps": args.steps, "batch_size": args.batch_size,
-                           "subset": args.subset, "machine": machine()[:500]})
+                           "subset": args.subset, "machine": describe_machine()[:500]})
         for r in rows:
             key = "".join(c if c.isalnum() else "_" for c in r["config"])
             mlflow.log_metric(f"samples_per_s.{key}", r["samples_per_s"])
