@@ -124,3 +124,33 @@ def test_mlflow_models_serve_transcribes_and_rejects_bad_requests(tiny_en_path, 
         assert prediction["segments"] and prediction["segments"][0]["end"] > 0
         assert process.poll() is None
     assert process.returncode is not None
+
+
+# A dev clip stock tiny.en loops on ("Mark, leg, leg, jaw, jaw, jaw, ..."): uncapped, the served
+# model decoded it to 444 tokens while `evaluate` stopped at its own cap, and scored it worse.
+LOOPING_CLIP = "001040149.flac"
+
+
+def test_served_model_decodes_like_evaluate(tiny_en_path, dev_dir):
+    """The pyfunc (one request per clip) and evaluation's batched decoding share one decoding
+    policy, including the length-scaled token cap that stops a looping clip early."""
+    from types import SimpleNamespace
+
+    from whisper_exp.decoding import default_max_new_tokens
+    from whisper_exp.evaluation import transcribe_arrays
+    from whisper_exp.serving import WhisperPyfunc
+
+    rows = list(csv.DictReader((dev_dir / "metadata.csv").open(encoding="utf-8")))
+    names = [LOOPING_CLIP] + [r["file_name"] for r in rows[:3] if r["file_name"] != LOOPING_CLIP]
+    served = WhisperPyfunc()
+    served.load_context(SimpleNamespace(artifacts={"model": str(tiny_en_path)}))
+    texts = [served.predict(None, pd.DataFrame({"audio": [b64((dev_dir / n).read_bytes())]})
+                            )["text"][0] for n in names]
+    transcriber = served.transcriber
+    audios = [load_audio(dev_dir / n) for n in names]
+    assert texts == transcribe_arrays(transcriber.model, transcriber.processor, audios,
+                                      batch_size=4, progress=False)
+    looping_tokens = len(transcriber.processor.tokenizer(texts[0], add_special_tokens=False)
+                         .input_ids)
+    cap = default_max_new_tokens(len(audios[0]) / 16_000)
+    assert cap < 120 and looping_tokens <= cap, (looping_tokens, texts[0][:80])

@@ -220,3 +220,12 @@ def test_cli_unknown_model_is_one_clear_line(tmp_path, sample_dir):
                                        str(tmp_path / "no-such-model")])
     assert result.exit_code == 2
     assert "error: cannot load model" in result.stderr and "no-such-model" in result.stderr
+
+
+def test_token_cap_scales_with_clip_length():
+    from whisper_exp.decoding import MIN_NEW_TOKENS, default_max_new_tokens
+
+    assert default_max_new_tokens(0.0) == MIN_NEW_TOKENS
+    assert default_max_new_tokens(3.0) < default_max_new_tokens(10.0) < default_max_new_tokens(30)
+    assert default_max_new_tokens(30.0) <= 444, "the prompt needs its 4 of 448 positions"
+    assert default_max_new_tokens(3600.0) == 444

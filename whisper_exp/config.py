@@ -117,7 +117,9 @@ class TrainingConfig:
 class EvaluationConfig:
     batch_size: int = 16
     num_beams: int = 1
-    max_new_tokens: int = 128
+    # None: scaled to each clip's length (decoding.default_max_new_tokens), as transcribe and
+    # the served model do, so all of them score a clip alike.
+    max_new_tokens: int | None = None
 
 
 @dataclass

@@ -18,20 +18,19 @@ import numpy as np
 from whisper_exp.audio import SAMPLE_RATE
 from whisper_exp.decoding import (
     METADATA_FILE,
+    SHORT_FORM_MAX_S,
     Decoded,
     DecodeOptions,
     Segment,
     TranscribeError,
     check_decode_options,
+    default_max_new_tokens,
     language_code,
 )
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
 
-# Recordings longer than one Whisper window are decoded with timestamps, so faster-whisper moves
-# its window to the last complete segment (as transformers' long-form generation does).
-SHORT_FORM_MAX_S = 30.0
 
 
 def is_ctranslate2_model(path: str | Path) -> bool:
@@ -69,7 +68,10 @@ def decode_with_faster_whisper(model: WhisperModel, audio: np.ndarray, *,
                                max_new_tokens: int | None = None) -> Decoded:
     """One 16 kHz clip or recording, decoded like ``evaluation.transcribe_arrays``: one pass at
     temperature 0 (no sampling fallback, so deterministic), no VAD, no previous-text prompt and
-    no no-speech skipping. faster-whisper walks recordings over 30 s window by window itself."""
+    no no-speech skipping. faster-whisper walks recordings over 30 s window by window itself;
+    ``max_new_tokens`` None caps each window as the transformers backend does."""
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(min(len(audio) / SAMPLE_RATE, SHORT_FORM_MAX_S))
     segments, _ = model.transcribe(
         np.asarray(audio, dtype=np.float32), language=language, beam_size=beam_size,
         temperature=0.0, without_timestamps=not timestamps, condition_on_previous_text=False,
@@ -150,6 +152,8 @@ class FasterWhisperTranscriber:
                                  set(self.model.supported_languages))
         results = []
         for audio in audios:
+            # Over one window: timestamps, so faster-whisper moves its window to the last
+            # complete segment (as transformers' long-form generation does).
             long_form = len(audio) > SHORT_FORM_MAX_S * SAMPLE_RATE
             decoded = decode_with_faster_whisper(
                 self.model, audio, language=code, beam_size=options.num_beams,

@@ -8,6 +8,7 @@ server imports this module and never loads torch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -19,6 +20,21 @@ MAX_NUM_BEAMS = 16
 # leave room for them within the model's max_target_positions (448 for every Whisper size).
 PROMPT_POSITIONS = 4
 ENGLISH_NAMES = frozenset({"en", "english", "<|en|>"})
+# One Whisper window; longer recordings take long-form decoding.
+SHORT_FORM_MAX_S = 30.0
+# Default token budget of a clip, scaled to its length. Fast read English is about 5 tokens a
+# second (the shared speechocean762 set peaks at 3), timestamps add 2 per segment; 10 a second
+# plus a floor leaves room for all of it. Without a cap, a clip the model loops on ("jaw, jaw,
+# ...") runs to the 444-token limit: on the first 130 dev clips one such loop cost stock tiny.en
+# 20 WER points and seconds of decoding. Every backend and entry point uses this same cap, so
+# evaluate, transcribe and the served model score a clip alike.
+TOKENS_PER_SECOND = 10
+MIN_NEW_TOKENS = 24
+
+
+def default_max_new_tokens(duration_s: float, limit: int = 448 - PROMPT_POSITIONS) -> int:
+    """Token budget for a clip of ``duration_s`` seconds when the caller sets none."""
+    return min(limit, MIN_NEW_TOKENS + math.ceil(max(duration_s, 0.0) * TOKENS_PER_SECOND))
 
 
 class TranscribeError(ValueError):
@@ -46,6 +62,7 @@ class DecodeOptions:
 
     batch_size: int = 16
     num_beams: int = 1
+    # None: ``default_max_new_tokens`` of each clip's (short form) or window's (long form) length.
     max_new_tokens: int | None = None
     return_timestamps: bool = False
     # Long-form only: feed each 30 s window the previous window's text (the Whisper paper's

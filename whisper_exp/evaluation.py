@@ -19,6 +19,7 @@ from whisper_exp import tracking
 from whisper_exp.audio import SAMPLE_RATE, load_audio
 from whisper_exp.config import EvaluationConfig, ExperimentConfig
 from whisper_exp.data import Example, load_eval_only
+from whisper_exp.decoding import default_max_new_tokens
 from whisper_exp.metrics import Scores, make_normalizer, score, utterance_wer
 from whisper_exp.modeling import default_device, is_multilingual, load_for_inference
 
@@ -39,9 +40,11 @@ def generate_batches(
     """Generated token ids per clip (each up to 30 s), in input order.
 
     Batches are length-sorted so padding is rare; ``generate_kwargs`` go to ``model.generate``
-    (``num_beams``, ``return_timestamps``, ``language`` ...); ``on_batch(n)`` is called after
-    each batch of ``n`` clips (for progress over files).
+    (``num_beams``, ``return_timestamps``, ``language`` ...); without a ``max_new_tokens`` each
+    batch gets ``decoding.default_max_new_tokens`` of its longest clip. ``on_batch(n)`` is
+    called after each batch of ``n`` clips (for progress over files).
     """
+    max_new_tokens = generate_kwargs.pop("max_new_tokens", None)
     order = sorted(range(len(audios)), key=lambda i: len(audios[i]))
     ids: list[torch.Tensor] = [torch.empty(0, dtype=torch.long)] * len(audios)
     device = next(model.parameters()).device
@@ -51,7 +54,10 @@ def generate_batches(
         features = processor.feature_extractor(
             [audios[i] for i in batch], sampling_rate=SAMPLE_RATE, return_tensors="pt"
         ).input_features.to(device, dtype)
-        generated = model.generate(input_features=features, **generate_kwargs)
+        longest_s = max(len(audios[i]) for i in batch) / SAMPLE_RATE
+        generated = model.generate(
+            input_features=features, **generate_kwargs,
+            max_new_tokens=max_new_tokens or default_max_new_tokens(longest_s))
         for index, row in zip(batch, generated.cpu(), strict=True):
             ids[index] = row
         if on_batch is not None:
@@ -66,10 +72,11 @@ def transcribe_arrays(
     *,
     batch_size: int = 16,
     num_beams: int = 1,
-    max_new_tokens: int = 128,
+    max_new_tokens: int | None = None,
     progress: bool = True,
 ) -> list[str]:
-    """Batched greedy (or beam) decoding of clips up to 30 s to plain text."""
+    """Batched greedy (or beam) decoding of clips up to 30 s to plain text (``max_new_tokens``
+    None: scaled to the clip length, as in ``generate_batches``)."""
     ids = generate_batches(model, processor, audios, batch_size=batch_size, progress=progress,
                            num_beams=num_beams, max_new_tokens=max_new_tokens)
     return [processor.tokenizer.decode(row, skip_special_tokens=True).strip() for row in ids]

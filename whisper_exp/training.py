@@ -35,6 +35,7 @@ from whisper_exp.cache import (
 )
 from whisper_exp.config import ConfigError, ExperimentConfig, load_config
 from whisper_exp.data import DatasetSplit, Example, load_splits
+from whisper_exp.decoding import SHORT_FORM_MAX_S, default_max_new_tokens
 from whisper_exp.evaluation import EvalResult, evaluate_examples
 from whisper_exp.metrics import make_normalizer, score
 from whisper_exp.modeling import (
@@ -226,7 +227,9 @@ def training_arguments(cfg: ExperimentConfig, output_dir: Path, device: torch.de
         save_steps=t.checkpoint_steps if t.checkpoint_steps > 0 else 500,
         save_total_limit=t.checkpoints_kept,
         predict_with_generate=True,
-        generation_max_length=cfg.evaluation.max_new_tokens,
+        # The learning curve's evaluation batches are not length-sorted: one 30 s budget.
+        generation_max_length=(cfg.evaluation.max_new_tokens
+                               or default_max_new_tokens(SHORT_FORM_MAX_S)),
         generation_num_beams=cfg.evaluation.num_beams,
         report_to=[],
         remove_unused_columns=False,

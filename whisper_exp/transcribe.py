@@ -33,11 +33,13 @@ from whisper_exp.audio import (
     probe,
 )
 from whisper_exp.decoding import (
+    SHORT_FORM_MAX_S,
     Decoded,
     DecodeOptions,
     Segment,
     TranscribeError,
     check_decode_options,
+    default_max_new_tokens,
     language_code,
 )
 from whisper_exp.evaluation import generate_batches
@@ -46,7 +48,6 @@ from whisper_exp.modeling import is_multilingual, load_for_inference
 
 log = logging.getLogger(__name__)
 
-SHORT_FORM_MAX_S = 30.0
 OUTPUT_FORMATS = ("txt", "json", "srt", "vtt")
 # Whisper paper's long-form fallback settings (as transformers documents them).
 FALLBACK_SETTINGS: dict[str, Any] = {
@@ -178,6 +179,7 @@ class Transcriber:
             return_attention_mask=True, return_tensors="pt")
         parameter = next(self.model.parameters())
         kwargs = self._generate_kwargs(options)
+        kwargs.setdefault("max_new_tokens", default_max_new_tokens(SHORT_FORM_MAX_S))  # a window
         if options.temperature_fallback:
             kwargs.update(FALLBACK_SETTINGS)
         output = self.model.generate(

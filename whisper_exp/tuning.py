@@ -500,6 +500,9 @@ class _Objective:
         try:
             cfg = apply_params(self.base_cfg, values)
             cfg.tracking.run_name = f"{self.study_name}-trial-{trial.number}"
+            # A trial whose worker died is re-run from the start (heartbeat retry), never
+            # resumed, so Trainer checkpoints would only cost disk and time.
+            cfg.training.checkpoint_steps = -1
             result = train(cfg, callbacks=[PruningCallback(trial)], nested=True, tags=tags)
         except optuna.TrialPruned:
             self._link_run(trial, values, tags, None)
