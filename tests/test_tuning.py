@@ -332,6 +332,26 @@ def test_pruner_stops_a_trial_at_its_first_evaluation(tiny_english_path, sample_
     assert "plots/intermediate_values.png" in _artifacts(launcher.info.run_id)
 
 
+def test_median_pruner_stops_a_trial_worse_than_earlier_ones(tiny_english_path, sample_dir,
+                                                              tmp_path):
+    """The default pruner: three earlier trials (added to the shared study as another worker
+    would) had WER 0.1 at step 1; a random model's WER there is far worse, so it is pruned."""
+    cfg = _cfg(tiny_english_path, sample_dir, tmp_path)
+    study = optuna.create_study(study_name="median", storage=_storage(tmp_path))
+    distributions = {
+        "finetuning.lora.r": optuna.distributions.CategoricalDistribution([4, 8, 16, 32, 64]),
+        "training.learning_rate": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)}
+    for rank in (4, 8, 16):
+        study.add_trial(optuna.trial.create_trial(
+            params={"finetuning.lora.r": rank, "training.learning_rate": 1e-3},
+            distributions=distributions, value=0.1, intermediate_values={1: 0.1, 2: 0.1}))
+    result = tune(cfg, LORA_SPACE, n_trials=4, study_name="median", storage=_storage(tmp_path),
+                  sampler="random", seed=0, pruner="median")
+    assert [t.state for t in result.trials] == ["COMPLETE"] * 3 + ["PRUNED"]
+    trial = optuna.load_study(study_name="median", storage=_storage(tmp_path)).trials[3]
+    assert list(trial.intermediate_values) == [1] and trial.intermediate_values[1] > 0.1
+
+
 def test_trial_failing_before_its_run_opens_still_gets_a_failed_run(tmp_path, monkeypatch):
     def out_of_memory(cfg, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated before any run was opened)")
