@@ -14,25 +14,16 @@ import json
 import logging
 from pathlib import Path
 
-from machine import describe_machine
+from machine import add_training_arguments, describe_machine
 
 from whisper_exp.config import resolve_config
 from whisper_exp.evaluation import run_evaluation
 from whisper_exp.training import train
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "experiments/lora.yaml"))
-    parser.add_argument("--model", default=str(SHARED / "models/whisper-tiny.en"))
-    parser.add_argument("--train", default=str(SHARED / "data/speechocean762/train"))
-    parser.add_argument("--dev", default=str(SHARED / "data/speechocean762/dev"))
-    parser.add_argument("--set", dest="sets", action="append", default=[],
-                        help="extra config overrides, key=value")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
+    add_training_arguments(parser)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
 

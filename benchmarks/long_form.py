@@ -1,6 +1,6 @@
 """Long-form transcription: dev utterances joined into recordings of a few minutes, decoded whole.
 
-Run (not in CI; about 10 minutes on 2 CPU cores for the 260 dev utterances):
+Run (not in CI; about 12 minutes on 2 CPU cores for the 260 dev utterances):
     python benchmarks/long_form.py
     python benchmarks/long_form.py --limit 40 --minutes 1     # check the script
     python benchmarks/long_form.py --model runs:/<run_id>
@@ -11,9 +11,10 @@ Consecutive utterances of ``--data`` (default: the shared speechocean762 dev set
 (a) every utterance on its own (batched short-form decoding, as ``evaluate`` does): the WER a
     perfect long-form decoder would match;
 (b) each whole recording with transformers' sequential long-form generation
-    (``whisper_exp.transcribe``: 30 s windows moved by the model's timestamps), plain greedy, and
-    with previous-text conditioning + temperature fallback;
-(c) each whole recording with faster-whisper on a CTranslate2 int8 export (its own window walk).
+    (``whisper_exp.transcribe``: 30 s windows moved by the model's timestamps): plain greedy,
+    previous-text conditioning, temperature fallback, and both (the default);
+(c) each whole recording with faster-whisper on a CTranslate2 int8 export (its own window walk),
+    greedy and with both.
 WER of (b)/(c) is scored on each recording's joined reference against its whole transcript, so
 words dropped or repeated at window edges count. Writes benchmarks/results/long_form.{md,csv,png}.
 """
@@ -38,6 +39,7 @@ from whisper_exp.decoding import DecodeOptions
 from whisper_exp.metrics import english_normalizer, score
 
 ROOT = Path(__file__).resolve().parent.parent
+GREEDY = DecodeOptions(condition_on_prev_tokens=False, temperature_fallback=False)
 SHARED = ROOT.parent / "shared"
 
 
@@ -116,9 +118,10 @@ def main() -> None:
     add("transformers, utterance by utterance (batched)", "utterances", flat_refs, texts,
         time.perf_counter() - start, speech_s)
     long_form_options = {
-        "transformers long-form, greedy": DecodeOptions(),
-        "transformers long-form, previous text + fallback": DecodeOptions(
-            condition_on_prev_tokens=True, temperature_fallback=True),
+        "transformers long-form, greedy": GREEDY,
+        "transformers long-form, previous text": DecodeOptions(temperature_fallback=False),
+        "transformers long-form, fallback": DecodeOptions(condition_on_prev_tokens=False),
+        "transformers long-form, previous text + fallback (default)": DecodeOptions(),
     }
     for name, options in long_form_options.items():
         start = time.perf_counter()
@@ -132,10 +135,12 @@ def main() -> None:
         export = convert_to_ctranslate2(merged, Path(workdir) / "ct2-int8", "int8")
         fast = FasterWhisperTranscriber.load(export)
         fast.transcribe_audio(utterances[:1], DecodeOptions())  # warm-up, untimed
-        start = time.perf_counter()
-        texts = [d.text for d in fast.transcribe_audio(recordings, DecodeOptions())]
-        add("faster-whisper int8 long-form, greedy", f"{len(recordings)} recordings",
-            joined_refs, texts, time.perf_counter() - start, audio_s)
+        for name, options in {"greedy": GREEDY,
+                              "previous text + fallback (default)": DecodeOptions()}.items():
+            start = time.perf_counter()
+            texts = [d.text for d in fast.transcribe_audio(recordings, options)]
+            add(f"faster-whisper int8 long-form, {name}", f"{len(recordings)} recordings",
+                joined_refs, texts, time.perf_counter() - start, audio_s)
 
     header = [
         f"Machine: {describe_machine()}.",

@@ -3,11 +3,16 @@ pruning, against experiments/lora.yaml's default.
 
 Run (not in CI; hours on 2 CPU cores, well under one on a GPU):
     python benchmarks/tune_lora.py
+The CPU run behind the README's table (decoder-only LoRA, so every trial reuses the cached
+encoder outputs; about an hour on 2 cores):
+    python benchmarks/tune_lora.py --dev-samples 60 --evals-per-trial 2 \
+        --set finetuning.freeze_encoder=true
 Check that it starts (tiny settings, a few minutes on 2 cores):
     python benchmarks/tune_lora.py --n-trials 2 --train-samples 4 --dev-samples 2 \
         --set training.max_steps=2 --set training.batch_size=2 --out /tmp/tune_check
 
-Trains the default config once, then runs two studies of ``--n-trials`` trials each on a seeded
+Trains the default config once (with the same ``--set`` overrides as the trials, so it is the
+search's starting point), then runs two studies of ``--n-trials`` trials each on a seeded
 subset of the shared train set, scored on a dev subset (13 speakers unseen in training): one with
 the median pruner, one without. Prints each study's trials, its best configuration and a table of
 best dev WER and wall time (how much time pruning saved), and writes them under ``--out``.
@@ -24,18 +29,19 @@ import csv
 import json
 import logging
 import math
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import optuna
+from machine import ROOT, add_training_arguments, describe_machine
 
 from whisper_exp.config import ExperimentConfig, resolve_config
 from whisper_exp.training import train
 from whisper_exp.tuning import StudyResult, format_trials, tune
 
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
 MODES = {"pruned": "median", "unpruned": "none"}
 
 
@@ -67,11 +73,8 @@ def study_rows(result: StudyResult) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(ROOT / "experiments/lora.yaml"))
+    add_training_arguments(parser)
     parser.add_argument("--space", default=str(ROOT / "experiments/search/lora.yaml"))
-    parser.add_argument("--model", default=str(SHARED / "models/whisper-tiny.en"))
-    parser.add_argument("--train", default=str(SHARED / "data/speechocean762/train"))
-    parser.add_argument("--dev", default=str(SHARED / "data/speechocean762/dev"))
     parser.add_argument("--train-samples", type=int, default=300,
                         help="seeded subset of the train set per trial")
     parser.add_argument("--dev-samples", type=int, default=100,
@@ -88,9 +91,6 @@ def main() -> None:
     parser.add_argument("--fresh", action="store_true", help="delete earlier studies first")
     parser.add_argument("--skip-baseline", action="store_true",
                         help="do not train the default config")
-    parser.add_argument("--set", dest="sets", action="append", default=[],
-                        help="extra config overrides, key=value")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks/results"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -161,12 +161,52 @@ def main() -> None:
     report = "\n".join([
         "# LoRA search on speechocean762 (tiny.en)",
         f"train subset {args.train_samples}, dev subset {args.dev_samples}, "
-        f"{args.n_trials} trials per study, eval every {cfg.training.eval_steps} steps\n",
+        f"{args.n_trials} trials per study, eval every {cfg.training.eval_steps} steps; "
+        f"overrides on every run: {', '.join(args.sets) or 'none'}",
+        f"Machine: {describe_machine()}",
+        f"Command: `python benchmarks/tune_lora.py {shlex.join(sys.argv[1:])}`\n",
         markdown_table(summary), note, *sections])
     print(report)
     (out / "tune_lora.md").write_text(report + "\n", encoding="utf-8")
     (out / "tune_lora.json").write_text(json.dumps(summary, indent=2, default=str),
                                         encoding="utf-8")
+    plot_search(out, modes)
+
+
+def plot_search(out: Path, modes: list[str]) -> None:
+    """Dev WER of every trial against its learning rate (marker size: LoRA rank), one panel per
+    study, from the trials CSVs written above; pruned trials show their last reported WER."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+        return
+    studies = {m: out / f"tune_lora_{m}_trials.csv" for m in modes}
+    studies = {m: list(csv.DictReader(f.open(encoding="utf-8")))
+               for m, f in studies.items() if f.exists()}
+    if not studies:
+        return
+    fig, axes = plt.subplots(1, len(studies), figsize=(5.5 * len(studies), 4), sharey=True,
+                             squeeze=False)
+    for ax, (mode, rows) in zip(axes[0], studies.items(), strict=True):
+        for state, color in (("COMPLETE", "#27a"), ("PRUNED", "#d62"), ("FAIL", "#999")):
+            chosen = [r for r in rows if r["state"] == state and r["dev_wer"]]
+            ax.scatter([float(r["training.learning_rate"]) for r in chosen],
+                       [100 * min(float(r["dev_wer"]), 1.0) for r in chosen],
+                       s=[8 * float(r["finetuning.lora.r"]) ** 0.8 for r in chosen],
+                       color=color, label=state.lower(), alpha=0.8)
+        seconds = sum(float(r["seconds"] or 0) for r in rows)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (marker size: LoRA r)")
+        ax.set_title(f"{mode} ({MODES[mode]}): {len(rows)} trials, {seconds / 60:.1f} min")
+        ax.legend()
+    axes[0][0].set_ylabel("dev WER % (capped at 100)")
+    fig.tight_layout()
+    fig.savefig(out / "tune_lora.png", dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from whisper_exp.audio import SAMPLE_RATE, load_audio
 from whisper_exp.cli import main
-from whisper_exp.decoding import DecodeOptions
+from whisper_exp.decoding import DecodeOptions, window_max_new_tokens
 from whisper_exp.metrics import english_normalizer, score
 from whisper_exp.transcribe import (
     Segment,
@@ -232,16 +232,16 @@ def test_token_cap_scales_with_clip_length():
     assert default_max_new_tokens(3600.0) == 444
 
 
-def test_long_form_window_budget_leaves_room_for_previous_text(tiny_english_path):
-    """With previous-text conditioning transformers prepends up to 448 // 2 - 1 = 223 earlier
-    tokens plus a start token and the prompt, and raises when the window's budget no longer
-    fits: found by benchmarks/long_form.py on 3-minute recordings (148 + 324 > 448)."""
-    transcriber = Transcriber.load(str(tiny_english_path))
-    conditioned = transcriber._window_budget(DecodeOptions(condition_on_prev_tokens=True))
-    positions = transcriber.model.config.max_target_positions
-    assert conditioned + (positions // 2 - 1) + 1 + 3 <= positions
+def test_long_form_window_budget_leaves_room_for_previous_text():
+    """With previous-text conditioning transformers (and faster-whisper) prepend up to
+    448 // 2 - 1 = 223 earlier tokens plus a start token and the prompt, and raise when the
+    window's budget no longer fits: found by benchmarks/long_form.py on 3-minute recordings
+    (148 + 324 > 448)."""
+    conditioned = window_max_new_tokens(DecodeOptions(condition_on_prev_tokens=True))
+    assert conditioned + (448 // 2 - 1) + 1 + 3 <= 448
     assert conditioned == 220
-    assert transcriber._window_budget(DecodeOptions()) == 324
-    assert transcriber._window_budget(DecodeOptions(max_new_tokens=50)) == 50
-    assert transcriber._window_budget(DecodeOptions(max_new_tokens=400,
-                                                    condition_on_prev_tokens=True)) == 220
+    assert window_max_new_tokens(DecodeOptions(condition_on_prev_tokens=False)) == 324
+    assert window_max_new_tokens(DecodeOptions(max_new_tokens=50)) == 50
+    assert window_max_new_tokens(DecodeOptions(max_new_tokens=400)) == 220
+    assert window_max_new_tokens(DecodeOptions(max_new_tokens=400,
+                                               condition_on_prev_tokens=False)) == 400

@@ -297,10 +297,12 @@ def register(run_id, name, alias, adapter_only, backend, quantization, tracking_
               "(default: the model's own).")
 @click.option("--timestamps", is_flag=True, help="Timed segments for clips up to 30 s too "
               "(on for json/srt/vtt; recordings over 30 s always have them).")
-@click.option("--condition-on-prev-tokens", is_flag=True, help="Long-form: give each 30 s "
-              "window the previous window's text.")
-@click.option("--temperature-fallback", is_flag=True, help="Long-form: re-decode windows that "
-              "loop or look silent at higher temperatures (Whisper paper's heuristics).")
+@click.option("--condition-on-prev-tokens/--no-condition-on-prev-tokens", default=True,
+              show_default=True, help="Long-form: give each 30 s window the previous "
+              "window's text.")
+@click.option("--temperature-fallback/--no-temperature-fallback", default=True,
+              show_default=True, help="Long-form: re-decode windows that loop or look silent "
+              "at higher temperatures (Whisper paper's heuristics; off = deterministic).")
 @click.option("--max-new-tokens", default=None, type=click.IntRange(min=1),
               help="Token limit per clip / 30 s window (default: the model's).")
 @click.option("--compare", "compare_with", default="", help="Base model: print both "

@@ -26,10 +26,13 @@ from whisper_exp.decoding import (
     check_decode_options,
     default_max_new_tokens,
     language_code,
+    window_max_new_tokens,
 )
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
+
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 
@@ -64,19 +67,26 @@ def export_language(model_dir: str | Path | None) -> str | None:
 
 def decode_with_faster_whisper(model: WhisperModel, audio: np.ndarray, *,
                                language: str | None = None, beam_size: int = 1,
-                               timestamps: bool = False,
-                               max_new_tokens: int | None = None) -> Decoded:
+                               timestamps: bool = False, max_new_tokens: int | None = None,
+                               long_form: DecodeOptions | None = None) -> Decoded:
     """One 16 kHz clip or recording, decoded like ``evaluation.transcribe_arrays``: one pass at
     temperature 0 (no sampling fallback, so deterministic), no VAD, no previous-text prompt and
-    no no-speech skipping. faster-whisper walks recordings over 30 s window by window itself;
-    ``max_new_tokens`` None caps each window as the transformers backend does."""
-    if max_new_tokens is None:
+    no no-speech skipping; ``max_new_tokens`` None caps it as the transformers backend does.
+    ``long_form`` (a recording over 30 s, which faster-whisper walks window by window itself)
+    applies its previous-text and temperature-fallback choices and window budget instead."""
+    settings: dict = {"temperature": 0.0, "condition_on_previous_text": False,
+                      "no_speech_threshold": None}
+    if long_form is not None:
+        max_new_tokens = window_max_new_tokens(long_form, int(model.max_length))
+        settings["condition_on_previous_text"] = long_form.condition_on_prev_tokens
+        if long_form.temperature_fallback:  # faster-whisper's own thresholds for the fallback
+            settings.update(temperature=FALLBACK_TEMPERATURES, no_speech_threshold=0.6)
+    elif max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(min(len(audio) / SAMPLE_RATE, SHORT_FORM_MAX_S))
     segments, _ = model.transcribe(
         np.asarray(audio, dtype=np.float32), language=language, beam_size=beam_size,
-        temperature=0.0, without_timestamps=not timestamps, condition_on_previous_text=False,
-        vad_filter=False, no_speech_threshold=None, max_new_tokens=max_new_tokens,
-    )
+        without_timestamps=not timestamps, vad_filter=False, max_new_tokens=max_new_tokens,
+        **settings)
     segments = list(segments)  # a generator: decoding happens here
     text = "".join(segment.text for segment in segments).strip()
     if not timestamps:
@@ -158,7 +168,8 @@ class FasterWhisperTranscriber:
             decoded = decode_with_faster_whisper(
                 self.model, audio, language=code, beam_size=options.num_beams,
                 timestamps=options.return_timestamps or long_form,
-                max_new_tokens=options.max_new_tokens)
+                max_new_tokens=options.max_new_tokens,
+                long_form=options if long_form else None)
             results.append(decoded)
             if on_done is not None:
                 on_done(1)

@@ -20,6 +20,7 @@ from transformers import (
     Seq2SeqTrainingArguments,
     TrainerCallback,
     WhisperProcessor,
+    set_seed,
 )
 
 from whisper_exp import tracking
@@ -390,6 +391,10 @@ def train(
             mlf.log_text(cfg.to_yaml(), "config.yaml")
         tracking.reset_peak_memory(device)
 
+        # Seeded before the model is built: peft draws the LoRA A matrices from the global RNG,
+        # which Trainer only seeds later, so a run's result depended on what the process did
+        # before it (an Optuna trial after a pruned one started from other adapters).
+        set_seed(cfg.training.seed)
         model, processor = load_base(cfg.model, cfg.finetuning, device)
         split = load_splits(
             cfg.data, seed=cfg.training.seed,

@@ -33,15 +33,14 @@ from whisper_exp.audio import (
     probe,
 )
 from whisper_exp.decoding import (
-    PROMPT_POSITIONS,
     SHORT_FORM_MAX_S,
     Decoded,
     DecodeOptions,
     Segment,
     TranscribeError,
     check_decode_options,
-    default_max_new_tokens,
     language_code,
+    window_max_new_tokens,
 )
 from whisper_exp.evaluation import generate_batches
 from whisper_exp.metrics import Scores, make_normalizer, score, utterance_wer
@@ -172,16 +171,6 @@ class Transcriber:
             close(duration)
         return segments
 
-    def _window_budget(self, options: DecodeOptions) -> int:
-        """New tokens per 30 s long-form window. With previous-text conditioning transformers
-        prepends up to half the decoder's positions of earlier text, and refuses a budget that
-        no longer fits, so the budget shrinks to the other half (220 for Whisper's 448)."""
-        budget = options.max_new_tokens or default_max_new_tokens(SHORT_FORM_MAX_S)
-        if options.condition_on_prev_tokens:
-            positions = int(self.model.config.max_target_positions)
-            budget = min(budget, positions - positions // 2 - PROMPT_POSITIONS)
-        return budget
-
     @torch.inference_mode()
     def _long_form(self, audio: np.ndarray, options: DecodeOptions) -> Decoded:
         """Sequential long-form generation over the whole recording (timestamps required)."""
@@ -190,7 +179,8 @@ class Transcriber:
             return_attention_mask=True, return_tensors="pt")
         parameter = next(self.model.parameters())
         kwargs = self._generate_kwargs(options)
-        kwargs["max_new_tokens"] = self._window_budget(options)
+        kwargs["max_new_tokens"] = window_max_new_tokens(
+            options, int(self.model.config.max_target_positions))
         if options.temperature_fallback:
             kwargs.update(FALLBACK_SETTINGS)
         output = self.model.generate(
@@ -322,8 +312,8 @@ def transcribe_paths(
     batch_size: int = 16,
     num_beams: int = 1,
     return_timestamps: bool = False,
-    condition_on_prev_tokens: bool = False,
-    temperature_fallback: bool = False,
+    condition_on_prev_tokens: bool = True,
+    temperature_fallback: bool = True,
     language: str | None = None,
     max_new_tokens: int | None = None,
     device: torch.device | None = None,
