@@ -139,7 +139,7 @@ def test_shipped_space_and_its_commented_options_are_valid(tmp_path):
     assert set(space.keys) == {"finetuning.lora.r", "training.learning_rate",
                                "finetuning.lora.alpha", "finetuning.lora.dropout",
                                "finetuning.lora.target_modules", "finetuning.freeze_encoder",
-                               "training.epochs"}
+                               "finetuning.freeze_encoder_layers", "training.epochs"}
     modules = next(p for p in space.params if p.key == "finetuning.lora.target_modules")
     assert modules.choices[0] == "q_proj,v_proj"
     applied = apply_params(cfg, {"finetuning.lora.target_modules": modules.choices[1],
