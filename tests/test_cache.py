@@ -31,6 +31,22 @@ def test_memory_then_disk_with_counters(tmp_path):
     assert cache.get("torn") is None, "a torn file from a killed run is a miss, not a crash"
 
 
+def test_shared_caches_draw_on_one_memory_budget(tmp_path, monkeypatch):
+    """Two encoder caches (say k=2 and k=3 in one Optuna search) together stay within the
+    run's memory budget; what does not fit goes to disk."""
+    from whisper_exp import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_CACHES", {})
+    monkeypatch.setattr(cache_module, "_POOL", cache_module.MemoryPool(0))
+    three_quarters = np.ones((384, 1024))  # 0.75 MiB in fp16
+    first = cache_module.shared_cache("encoder-k2", tmp_path, 1, "float16")
+    second = cache_module.shared_cache("encoder-k3", tmp_path, 1, "float16")
+    first.put("a", three_quarters)
+    second.put("a", three_quarters)
+    assert "a" in first.memory and "a" not in second.memory
+    assert isinstance(second.get("a"), np.memmap), "over the shared budget: on disk"
+
+
 def test_no_directory_means_memory_only(tmp_path):
     cache = ArrayCache(None, memory_budget_mb=0, dtype="float32")
     cache.put("x", np.ones(4))

@@ -63,13 +63,28 @@ def feature_settings_fingerprint(feature_extractor) -> str:
 # --------------------------------------------------------------------------- storage
 
 
+class MemoryPool:
+    """Bytes the caches sharing it hold in memory, against one budget."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.used = 0
+
+    def reserve(self, nbytes: int) -> bool:
+        if self.used + nbytes > self.budget:
+            return False
+        self.used += nbytes
+        return True
+
+
 class ArrayCache:
-    """Arrays by key: in memory until ``memory_budget_mb``, then on disk (memory-mapped)."""
+    """Arrays by key: in memory until ``memory_budget_mb`` (or the shared ``pool``'s budget) is
+    used up, then on disk (memory-mapped)."""
 
     def __init__(self, directory: str | Path | None, memory_budget_mb: float,
-                 dtype: str = "float16"):
+                 dtype: str = "float16", pool: MemoryPool | None = None):
         self.directory = Path(directory).expanduser() if directory else None
-        self.memory_budget = int(memory_budget_mb * 2**20)
+        self.pool = pool or MemoryPool(int(memory_budget_mb * 2**20))
         self.dtype = np.dtype(dtype)
         self.memory: dict[str, np.ndarray] = {}
         self.memory_bytes = 0
@@ -96,7 +111,7 @@ class ArrayCache:
 
     def put(self, key: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=self.dtype)
-        if self.memory_bytes + array.nbytes <= self.memory_budget:
+        if self.pool.reserve(array.nbytes):
             self.memory[key] = array
             self.memory_bytes += array.nbytes
             return
@@ -120,15 +135,21 @@ class ArrayCache:
 
 
 _CACHES: dict[tuple[str, str, str], ArrayCache] = {}
+_POOL = MemoryPool(0)
 
 
 def shared_cache(namespace: str, directory: str | Path | None, memory_budget_mb: float,
                  dtype: str) -> ArrayCache:
-    """One cache per namespace and process, so later Optuna trials reuse the in-memory part."""
+    """One cache per namespace and process, so later Optuna trials reuse the in-memory part.
+
+    All of them share one in-memory budget (the latest run's ``memory_budget_mb``): a search
+    over ``freeze_encoder_layers`` makes one encoder cache per k, and separate budgets would let
+    the process hold several budgets' worth of arrays."""
+    _POOL.budget = int(memory_budget_mb * 2**20)
     root = Path(directory).expanduser() / namespace if directory else None
     key = (namespace, dtype, str(root))
     if key not in _CACHES:
-        _CACHES[key] = ArrayCache(root, memory_budget_mb, dtype)
+        _CACHES[key] = ArrayCache(root, memory_budget_mb, dtype, pool=_POOL)
     return _CACHES[key]
 
 
