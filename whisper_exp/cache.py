@@ -87,7 +87,6 @@ class ArrayCache:
         self.pool = pool or MemoryPool(int(memory_budget_mb * 2**20))
         self.dtype = np.dtype(dtype)
         self.memory: dict[str, np.ndarray] = {}
-        self.memory_bytes = 0
         self.hits = 0
         self.misses = 0
 
@@ -113,7 +112,6 @@ class ArrayCache:
         array = np.ascontiguousarray(array, dtype=self.dtype)
         if self.pool.reserve(array.nbytes):
             self.memory[key] = array
-            self.memory_bytes += array.nbytes
             return
         path = self._path(key)
         if path is None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from whisper_exp.audio import SAMPLE_RATE
 from whisper_exp.decoding import (
+    FALLBACK_TEMPERATURES,
     METADATA_FILE,
     SHORT_FORM_MAX_S,
     Decoded,
@@ -31,9 +32,6 @@ from whisper_exp.decoding import (
 
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
-
-FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-
 
 
 def is_ctranslate2_model(path: str | Path) -> bool:

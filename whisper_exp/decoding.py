@@ -30,6 +30,9 @@ SHORT_FORM_MAX_S = 30.0
 # evaluate, transcribe and the served model score a clip alike.
 TOKENS_PER_SECOND = 10
 MIN_NEW_TOKENS = 24
+# Long-form temperature fallback: a window that loops or looks silent is re-decoded at the next
+# temperature (the Whisper paper's schedule; each engine keeps its own thresholds).
+FALLBACK_TEMPERATURES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 
 
 def default_max_new_tokens(duration_s: float, limit: int = 448 - PROMPT_POSITIONS) -> int:

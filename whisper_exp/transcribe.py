@@ -33,6 +33,7 @@ from whisper_exp.audio import (
     probe,
 )
 from whisper_exp.decoding import (
+    FALLBACK_TEMPERATURES,
     SHORT_FORM_MAX_S,
     Decoded,
     DecodeOptions,
@@ -51,7 +52,7 @@ log = logging.getLogger(__name__)
 OUTPUT_FORMATS = ("txt", "json", "srt", "vtt")
 # Whisper paper's long-form fallback settings (as transformers documents them).
 FALLBACK_SETTINGS: dict[str, Any] = {
-    "temperature": (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    "temperature": FALLBACK_TEMPERATURES,
     "compression_ratio_threshold": 1.35,
     "logprob_threshold": -1.0,
     "no_speech_threshold": 0.6,
