@@ -9,12 +9,11 @@ everything to MLflow (experiment ``whisper-exp-benchmarks``).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
 from pathlib import Path
 
-from machine import add_training_arguments, describe_machine
+from machine import add_training_arguments, describe_machine, pyplot, save_results
 
 from whisper_exp.config import resolve_config
 from whisper_exp.evaluation import run_evaluation
@@ -65,18 +64,10 @@ def main() -> None:
         lines.append(f"| {key} | {shown} |")
     table = "\n".join(lines)
     print(table)
-    (out / "finetune_lora.md").write_text(table + "\n", encoding="utf-8")
-    with (out / "finetune_lora.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        writer.writeheader()
-        writer.writerow(row)
+    save_results(out, "finetune_lora", table, [row])
     (out / "finetune_lora.json").write_text(json.dumps(row, indent=2), encoding="utf-8")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is not None:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         values = [100 * row["wer_before"], 100 * row["wer_after"]]
         ax.bar(["stock", f"{row['strategy']} fine-tuned"], values, color=["#999", "#2a7"])
@@ -86,8 +77,7 @@ def main() -> None:
         ax.set_title(f"{row['model']}: before vs after")
         fig.tight_layout()
         fig.savefig(out / "finetune_lora.png", dpi=120)
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+        plt.close(fig)
     with mlflow.start_run(run_id=result.run_id):
         mlflow.log_metric("wer_before", row["wer_before"])
         mlflow.log_artifacts(str(out), "benchmark")

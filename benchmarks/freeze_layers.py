@@ -17,7 +17,6 @@ MLflow (experiment ``whisper-exp-benchmarks``).
 from __future__ import annotations
 
 import argparse
-import csv
 import logging
 import shlex
 import sys
@@ -25,7 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from machine import add_training_arguments, describe_machine
+from machine import add_training_arguments, describe_machine, pyplot, save_results
 
 from whisper_exp.config import resolve_config
 from whisper_exp.training import train
@@ -90,23 +89,13 @@ def main() -> None:
               f"{r['peak_mb']:.0f} | {r['trainable_params']:,} |" for r in rows]
     table = "\n".join(lines)
     print(table)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "freeze_layers.md").write_text(table + "\n", encoding="utf-8")
-    with (args.out / "freeze_layers.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    save_results(args.out, "freeze_layers", table, rows)
     plot(rows, args.out / "freeze_layers.png")
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([r["train_s"] for r in rows], [100 * r["dev_wer"] for r in rows], "o-")

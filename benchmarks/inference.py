@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from machine import describe_machine
+from machine import bar_chart, describe_machine, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -242,31 +242,13 @@ def write_report(rows: list[Row], header: list[str], out: Path) -> str:
         lines.append(f"| {r.name} | {r.engine} | {r.weights} | {r.clients} | {r.rtfx:.1f} | "
                      f"{r.wall_s:.1f} | {r.peak_mb:.0f} | {100 * r.wer:.2f}% |")
     table = "\n".join(lines)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "inference.md").write_text(table + "\n", encoding="utf-8")
-    with (out / "inference.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        labels = [f"{r.name} ({r.clients} client{'s' if r.clients != 1 else ''})"
-                  if r.name.startswith("served") else r.name for r in rows]
-        colors = ["#2a7" if "faster-whisper" in r.engine else "#999" for r in rows]
-        ax.barh(labels, [r.rtfx for r in rows], color=colors)
-        ax.set_xlabel("RTFx: audio seconds per wall second (higher is better)")
-        ax.invert_yaxis()
-        ax.set_title("Whisper inference on the dev set (same model, greedy)")
-        fig.tight_layout()
-        fig.savefig(out / "inference.png", dpi=120)
-        plt.close(fig)
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    save_results(out, "inference", table, [asdict(r) for r in rows])
+    labels = [f"{r.name} ({r.clients} client{'s' if r.clients != 1 else ''})"
+              if r.name.startswith("served") else r.name for r in rows]
+    bar_chart(out / "inference.png", labels, [r.rtfx for r in rows],
+              ["#2a7" if "faster-whisper" in r.engine else "#999" for r in rows],
+              "RTFx: audio seconds per wall second (higher is better)",
+              "Whisper inference on the dev set (same model, greedy)")
     return table
 
 

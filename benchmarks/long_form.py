@@ -32,7 +32,7 @@ from pathlib import Path
 
 import jiwer
 import numpy as np
-from machine import describe_machine
+from machine import bar_chart, describe_machine, save_results
 
 from whisper_exp.audio import SAMPLE_RATE, load_audio
 from whisper_exp.decoding import DecodeOptions
@@ -164,29 +164,10 @@ def write_report(rows: list[Row], header: list[str], out: Path) -> str:
               f"{r.substitutions_deletions_insertions} | {r.hypothesis_words} | {r.rtfx:.1f} | "
               f"{r.wall_s:.1f} |" for r in rows]
     table = "\n".join(lines)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "long_form.md").write_text(table + "\n", encoding="utf-8")
-    with (out / "long_form.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
-        writer.writeheader()
-        writer.writerows(asdict(r) for r in rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 3.5))
-        ax.barh([r.name for r in rows], [100 * r.wer for r in rows],
-                color=["#999"] + ["#27a"] * (len(rows) - 1))
-        ax.set_xlabel("WER % (lower is better)")
-        ax.invert_yaxis()
-        ax.set_title("Long-form decoding vs the same utterances one by one")
-        fig.tight_layout()
-        fig.savefig(out / "long_form.png", dpi=120)
-        plt.close(fig)
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    save_results(out, "long_form", table, [asdict(r) for r in rows])
+    bar_chart(out / "long_form.png", [r.name for r in rows], [100 * r.wer for r in rows],
+              ["#999"] + ["#27a"] * (len(rows) - 1), "WER % (lower is better)",
+              "Long-form decoding vs the same utterances one by one", size=(8, 3.5))
     return table
 
 

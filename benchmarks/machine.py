@@ -1,12 +1,16 @@
 """What the benchmarks share: the machine line every table starts with (benchmarks are only
-comparable on one machine) and the training benchmarks' model / data / config arguments."""
+comparable on one machine), the training benchmarks' model / data / config arguments, and how
+results are written (markdown table, CSV, plot)."""
 
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import platform
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -41,3 +45,47 @@ def describe_machine() -> str:
         memory = f"; {total_kb / 2**20:.0f} GiB RAM"
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "CPU only"
     return f"{device}; {cpu}; {os.cpu_count()} cores{memory}; torch {torch.__version__}"
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def save_results(out: Path, stem: str, table: str, rows: Sequence[Mapping[str, Any]]) -> None:
+    """``<stem>.md`` (the printed table) and ``<stem>.csv`` (one line per row) under ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{stem}.md").write_text(table + "\n", encoding="utf-8")
+    write_csv(out / f"{stem}.csv", rows)
+
+
+def pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, or None (said once) without it."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def bar_chart(path: Path, labels: Sequence[str], values: Sequence[float],
+              colors: Sequence[str], xlabel: str, title: str,
+              size: tuple[float, float] = (8, 4.5)) -> None:
+    """Horizontal bars, first row on top."""
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, ax = plt.subplots(figsize=size)
+    ax.barh(labels, values, color=colors)
+    ax.set_xlabel(xlabel)
+    ax.invert_yaxis()
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine import describe_machine
+from machine import bar_chart, describe_machine, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
@@ -291,27 +291,11 @@ def main() -> None:
               f"(= {epochs['after_first_samples_per_s'] / reference:.1f}× reference)."]
     table = "\n".join(lines)
     print(table)
-    (out / "train_speed.md").write_text(table + "\n", encoding="utf-8")
-    with (out / "train_speed.csv").open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        ax.barh([r["config"] for r in rows], [r["samples_per_s"] for r in rows],
-                color=["#999"] + ["#2a7"] * (len(rows) - 1))
-        ax.set_xlabel("training samples / s (higher is better)")
-        ax.invert_yaxis()
-        ax.set_title("Whisper fine-tuning speed, same data and batch")
-        fig.tight_layout()
-        fig.savefig(out / "train_speed.png", dpi=120)
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    save_results(out, "train_speed", table, rows)
+    bar_chart(out / "train_speed.png", [r["config"] for r in rows],
+              [r["samples_per_s"] for r in rows], ["#999"] + ["#2a7"] * (len(rows) - 1),
+              "training samples / s (higher is better)",
+              "Whisper fine-tuning speed, same data and batch")
     import mlflow
 
     mlflow.set_tracking_uri(args.tracking_uri)

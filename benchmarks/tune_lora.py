@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from machine import ROOT, add_training_arguments, describe_machine
+from machine import ROOT, add_training_arguments, describe_machine, pyplot, write_csv
 
 from whisper_exp.config import ExperimentConfig, resolve_config
 from whisper_exp.training import train
@@ -137,11 +137,7 @@ def main() -> None:
         rows = study_rows(result)
         if rows:
             sections.append(f"## {name} (pruner: {MODES[mode]})\n\n{markdown_table(rows)}\n")
-            with (out / f"tune_lora_{mode}_trials.csv").open("w", newline="",
-                                                              encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-                writer.writeheader()
-                writer.writerows(rows)
+            write_csv(out / f"tune_lora_{mode}_trials.csv", rows)
         summary.append({"run": f"search, {mode} ({MODES[mode]})",
                         "best_dev_wer": result.best_value, "wall_s": wall,
                         "trials": len(result.trials), "complete": result.count("COMPLETE"),
@@ -176,13 +172,8 @@ def main() -> None:
 def plot_search(out: Path, modes: list[str]) -> None:
     """Dev WER of every trial against its learning rate (marker size: LoRA rank), one panel per
     study, from the trials CSVs written above; pruned trials show their last reported WER."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install -e '.[bench]')")
+    plt = pyplot()
+    if plt is None:
         return
     studies = {m: out / f"tune_lora_{m}_trials.csv" for m in modes}
     studies = {m: list(csv.DictReader(f.open(encoding="utf-8")))
