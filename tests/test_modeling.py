@@ -135,3 +135,17 @@ def test_gradient_checkpointing_trains_with_the_same_loss(tiny_english_path, str
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         assert base.is_gradient_checkpointing == checkpointing
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_qlora_under_torchrun_loads_each_rank_on_its_own_gpu(monkeypatch):
+    """bitsandbytes places 4-bit weights at load time: rank 1 must not land on GPU 0."""
+    import torch
+
+    from whisper_exp.modeling import quantized_device_map
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert quantized_device_map(torch.device("cuda")) == {"": 1}
+    assert quantized_device_map(torch.device("cuda", 3)) == {"": 3}
+    assert quantized_device_map(torch.device("cpu")) == {"": "cpu"}
+    monkeypatch.delenv("LOCAL_RANK")
+    assert quantized_device_map(torch.device("cuda")) == {"": 0}

@@ -1,7 +1,9 @@
 """Experiment configuration: typed defaults, YAML files and ``key=value`` overrides.
 
-A config is a tree of dataclasses so every knob has a visible default and a type. YAML files in
-``experiments/`` override the defaults, and CLI/MLproject overrides
+A config is a tree of dataclasses so every knob has a visible default and a type: the defaults
+here ARE the default recipe (``whisper-exp train`` with no ``--config``). The strategy YAMLs
+shipped in ``whisper_exp/configs/`` (``lora``, ``full``, ``qlora``; ``experiments/`` in a checkout
+links there) hold only what differs from these defaults. CLI/MLproject overrides
 (``training.learning_rate=1e-4``) override the file. The resolved tree is what gets logged to
 MLflow, flattened to dotted keys.
 """
@@ -18,6 +20,11 @@ from typing import Any, Literal
 import yaml
 
 DEFAULT_MODEL = "openai/whisper-tiny"
+# Strategy configs and the search space ship inside the package, so a non-editable install
+# has them too: ``load_config("lora")`` or ``--config qlora`` finds ``configs/qlora.yaml``.
+PACKAGED_CONFIGS = Path(__file__).resolve().parent / "configs"
+# Used when a multilingual model is trained with no model.language set (logged as a notice).
+DEFAULT_TRAINING_LANGUAGE = "english"
 
 
 class ConfigError(ValueError):
@@ -27,8 +34,10 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     name: str = DEFAULT_MODEL
-    # Only used for multilingual checkpoints; English-only ``.en`` models get no prompt tokens.
-    language: str | None = "english"
+    # Multilingual checkpoints only (``.en`` models get no language token). Training: the
+    # language of the data (empty: English, with a notice). Inference and evaluate: empty keeps
+    # the language the model was trained for, else Whisper detects it per clip.
+    language: str | None = None
     task: str = "transcribe"
 
 
@@ -82,12 +91,12 @@ class FinetuningConfig:
 @dataclass
 class TrainingConfig:
     learning_rate: float = 1e-3
-    epochs: float = 3.0
+    epochs: float = 2.0
     # > 0 overrides epochs (Trainer semantics).
     max_steps: int = -1
     batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    warmup_steps: int = 0
+    warmup_steps: int = 20
     weight_decay: float = 0.0
     lr_scheduler: str = "linear"
     logging_steps: int = 5
@@ -249,16 +258,28 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
     return tree
 
 
+def config_path(name_or_path: str | Path) -> Path:
+    """A YAML path as given, or a packaged config by name (``lora``, ``search/lora``)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / (str(name_or_path).removesuffix(".yaml") + ".yaml")
+    if not path.is_absolute() and packaged.is_file():
+        return packaged
+    shipped = sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+    raise ConfigError(f"config file {name_or_path} does not exist; give a YAML path or one of "
+                      f"the shipped configs: {', '.join(shipped)}")
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: dict[str, Any] | list[str] | tuple[str, ...] | None = None,
 ) -> ExperimentConfig:
-    """Defaults <- YAML file <- overrides (a nested dict or ``key=value`` strings)."""
+    """Defaults <- YAML file (a path or a shipped name such as ``lora``) <- overrides (a nested
+    dict or ``key=value`` strings)."""
     tree: dict[str, Any] = {}
     if path:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = config_path(path)
         loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping of sections")

@@ -8,8 +8,10 @@ decoder prompt for training and generation; English-only ``.en`` checkpoints get
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,12 @@ from transformers import (
     WhisperProcessor,
 )
 
-from whisper_exp.config import ExperimentConfig, FinetuningConfig, ModelConfig
+from whisper_exp.config import (
+    DEFAULT_TRAINING_LANGUAGE,
+    ExperimentConfig,
+    FinetuningConfig,
+    ModelConfig,
+)
 from whisper_exp.ctranslate2_backend import is_ctranslate2_model
 from whisper_exp.decoding import METADATA_FILE
 
@@ -93,6 +100,16 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def quantized_device_map(device: torch.device) -> dict[str, int | str]:
+    """Where a 4-bit model is loaded (bitsandbytes places it at load time, not Trainer): under
+    torchrun/accelerate each process takes its own GPU (``LOCAL_RANK``), never all GPU 0."""
+    if device.type != "cuda":
+        return {"": "cpu"}
+    if device.index is not None:
+        return {"": device.index}
+    return {"": int(os.environ.get("LOCAL_RANK", "0"))}
+
+
 def load_base(cfg: ModelConfig, finetuning: FinetuningConfig | None = None,
               device: torch.device | None = None
               ) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
@@ -112,10 +129,15 @@ def load_base(cfg: ModelConfig, finetuning: FinetuningConfig | None = None,
             # Whisper's output projection shares weights with the embeddings; keep it dense.
             llm_int8_skip_modules=["proj_out"],
         )
-        kwargs["device_map"] = {"": device.index or 0} if device.type == "cuda" else {"": "cpu"}
+        kwargs["device_map"] = quantized_device_map(device)
     model = WhisperForConditionalGeneration.from_pretrained(cfg.name, **kwargs)
     if "device_map" not in kwargs:
         model.to(device)
+    if is_multilingual(model) and not cfg.language:
+        log.warning("model.language is not set: training the multilingual %s for %s; set "
+                    "model.language to your data's language if it is another one", cfg.name,
+                    DEFAULT_TRAINING_LANGUAGE)
+        cfg = dataclasses.replace(cfg, language=DEFAULT_TRAINING_LANGUAGE)
     configure_prompt(model, processor, cfg)
     return model, processor
 
@@ -221,7 +243,8 @@ def save_trained(model: torch.nn.Module, processor: WhisperProcessor, out_dir: s
         "base_model": resolve_model_name(cfg.model.name),
         "strategy": cfg.finetuning.strategy,
         "freeze_encoder": cfg.finetuning.freeze_encoder,
-        "language": cfg.model.language if is_multilingual(base) else None,
+        # What the prompt was trained with: inference defaults to it.
+        "language": base.generation_config.language if is_multilingual(base) else None,
         "task": cfg.model.task,
     }
     (out / METADATA_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")

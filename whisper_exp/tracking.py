@@ -15,6 +15,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 import mlflow
 import torch
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_NAME = "whisper-exp"
 
 
 def configure(tracking_uri: str | None, experiment_name: str | None) -> None:
@@ -67,12 +68,23 @@ def run(run_name: str | None = None, nested: bool = False,
     mlflow.end_run("FINISHED")
 
 
-def git_commit() -> str | None:
+def git_commit(cwd: str | Path | None = None) -> str | None:
+    """HEAD of the working directory's checkout, only when that checkout is this project (its
+    pyproject names whisper-exp): an installed package run from some other repository must
+    not record that repository's commit as the code that trained the model."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=cwd or Path.cwd(),
+                             capture_output=True, text=True, timeout=10, check=True)
+        root = Path(top.stdout.strip())
+        pyproject = root / "pyproject.toml"
+        if not pyproject.is_file() or \
+                tomllib.loads(pyproject.read_text(encoding="utf-8")).get("project", {}).get(
+                    "name") != PROJECT_NAME:
+            return None
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                              text=True, timeout=10, check=True)
         return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError, tomllib.TOMLDecodeError):
         return None
 
 
