@@ -43,7 +43,7 @@ from whisper_exp.training import train
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_SPACE = PROJECT_ROOT / "experiments" / "search" / "lora.yaml"
 DEFAULT_STORAGE = "sqlite:///optuna.db"
 DEFAULT_N_TRIALS = 20
