@@ -1,27 +1,47 @@
-"""Shared fixtures: real assets from ../shared (skipped with a reason when absent) and tiny
-random Whisper models built in-process for speed."""
+"""Shared fixtures: real assets from ../shared (skipped, as a declared optional asset, when
+absent), tiny random Whisper models built in-process from the tokenizer files shipped in
+tests/assets, and the strict-skip check `.ci/run` relies on."""
 
 from __future__ import annotations
 
 import csv
+import gzip
 import os
 import shutil
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pytest
 import soundfile as sf
 
 ROOT = Path(__file__).resolve().parent.parent
+ASSETS = Path(__file__).resolve().parent / "assets"
 SHARED = Path(os.environ.get("WHISPER_EXP_SHARED", ROOT.parent / "shared"))
 TINY_EN = SHARED / "models" / "whisper-tiny.en"
 SPEECHOCEAN = SHARED / "data" / "speechocean762"
 SAMPLE_DATA = ROOT / "data" / "sample"
 
+# The only things a test may skip for. Any other skip fails `.ci/run` (WHISPER_EXP_STRICT_SKIPS=1).
+OPTIONAL_ASSETS = {
+    "shared": "../shared (or $WHISPER_EXP_SHARED): real tiny.en weights and speechocean762",
+    "chromium": "a Chromium browser for browser tests",
+}
+OPTIONAL_ASSET_PREFIX = "optional asset absent: "
+STRICT_SKIPS_ENV = "WHISPER_EXP_STRICT_SKIPS"
+
+
+def skip_optional_asset(asset: str, detail: str) -> NoReturn:
+    """Skip because a declared optional asset is missing; the fixed prefix is what the strict
+    check accepts, so only the assets in OPTIONAL_ASSETS can make a test skip in CI."""
+    if asset not in OPTIONAL_ASSETS:
+        raise ValueError(f"{asset!r} is not a declared optional asset: {sorted(OPTIONAL_ASSETS)}")
+    pytest.skip(f"{OPTIONAL_ASSET_PREFIX}{asset}: {detail}")
+
 
 def _require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"{path} is absent (see ../shared/README.md); real-asset test skipped")
+        skip_optional_asset("shared", f"{path} (see ../shared/README.md); real-asset test")
     return path
 
 
@@ -37,7 +57,23 @@ def dev_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def sample_dir() -> Path:
-    return _require(SAMPLE_DATA / "metadata.csv").parent
+    """The sample that ships in the repo: missing, it is a broken checkout, not a skip."""
+    assert (SAMPLE_DATA / "metadata.csv").is_file(), f"{SAMPLE_DATA} is part of the repository"
+    return SAMPLE_DATA
+
+
+@pytest.fixture(scope="session")
+def whisper_tokenizer_path(tmp_path_factory) -> Path:
+    """tests/assets/whisper-tokenizer unpacked (its large JSON files are stored gzipped):
+    tiny.en's tokenizer, spelling map, feature extractor and generation config, no weights."""
+    source = ASSETS / "whisper-tokenizer"
+    out = tmp_path_factory.mktemp("whisper-tokenizer")
+    for path in source.iterdir():
+        if path.suffix == ".gz":
+            (out / path.stem).write_bytes(gzip.decompress(path.read_bytes()))
+        elif path.suffix == ".json":
+            shutil.copy(path, out / path.name)
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -95,10 +131,12 @@ def copy_sample(dest: Path, n: int | None = None) -> Path:
     return dest
 
 
-def _tiny_model_dir(root: Path, multilingual: bool) -> Path:
-    """A 2-layer random Whisper with tiny.en's tokenizer/feature extractor, saved as a hub-style
-    folder. The multilingual variant has vocab 51865 and a generation config with language and
-    task ids, like openai/whisper-tiny."""
+def _tiny_model_dir(root: Path, tokenizer_dir: Path, multilingual: bool,
+                    seed: int = 0) -> Path:
+    """A 2-layer random Whisper with tiny.en's tokenizer/feature extractor (shipped in
+    tests/assets, so no ../shared needed), saved as a hub-style folder. The multilingual
+    variant has vocab 51865 and a generation config with language and task ids, like
+    openai/whisper-tiny."""
     import torch
     from transformers import (
         GenerationConfig,
@@ -107,7 +145,7 @@ def _tiny_model_dir(root: Path, multilingual: bool) -> Path:
         WhisperProcessor,
     )
 
-    processor = WhisperProcessor.from_pretrained(_require(TINY_EN / "tokenizer_config.json").parent)
+    processor = WhisperProcessor.from_pretrained(tokenizer_dir)
     tok = processor.tokenizer
     config = WhisperConfig(
         vocab_size=51865 if multilingual else 51864, d_model=64, encoder_layers=2,
@@ -117,9 +155,9 @@ def _tiny_model_dir(root: Path, multilingual: bool) -> Path:
         eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id,
         bos_token_id=tok.eos_token_id,
     )
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = WhisperForConditionalGeneration(config)
-    gen = GenerationConfig.from_pretrained(TINY_EN)
+    gen = GenerationConfig.from_pretrained(tokenizer_dir)
     gen.is_multilingual = multilingual
     if multilingual:
         gen.lang_to_id = {code: tok.convert_tokens_to_ids(code) for code in ("<|en|>", "<|de|>")}
@@ -127,20 +165,30 @@ def _tiny_model_dir(root: Path, multilingual: bool) -> Path:
                           for task in ("transcribe", "translate")}
     gen.alignment_heads = None
     model.generation_config = gen
-    out = root / ("tiny-random-multilingual" if multilingual else "tiny-random-en")
+    out = root / (f"tiny-random-{'multilingual' if multilingual else 'en'}-seed{seed}")
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
 
 
 @pytest.fixture(scope="session")
-def tiny_multilingual_path(tmp_path_factory) -> Path:
-    return _tiny_model_dir(tmp_path_factory.mktemp("models"), multilingual=True)
+def tiny_multilingual_path(tmp_path_factory, whisper_tokenizer_path) -> Path:
+    return _tiny_model_dir(tmp_path_factory.mktemp("models"), whisper_tokenizer_path,
+                           multilingual=True)
 
 
 @pytest.fixture(scope="session")
-def tiny_english_path(tmp_path_factory) -> Path:
-    return _tiny_model_dir(tmp_path_factory.mktemp("models"), multilingual=False)
+def tiny_english_path(tmp_path_factory, whisper_tokenizer_path) -> Path:
+    return _tiny_model_dir(tmp_path_factory.mktemp("models"), whisper_tokenizer_path,
+                           multilingual=False)
+
+
+@pytest.fixture(scope="session")
+def other_tiny_english_path(tmp_path_factory, whisper_tokenizer_path) -> Path:
+    """tiny_english_path's architecture with different random weights (seed 1): a second model
+    whose outputs differ, for comparisons that must not be trivially equal."""
+    return _tiny_model_dir(tmp_path_factory.mktemp("models"), whisper_tokenizer_path,
+                           multilingual=False, seed=1)
 
 
 POSTGRES_ADMIN = os.environ.get("WHISPER_EXP_TEST_POSTGRES",
@@ -153,7 +201,7 @@ def postgres_url():
     server answers at $WHISPER_EXP_TEST_POSTGRES (default: local trust-auth PostgreSQL)."""
     import uuid
 
-    psycopg = pytest.importorskip("psycopg")
+    import psycopg  # a dependency (SQLAlchemy's PostgreSQL driver): never a reason to skip
     try:
         admin = psycopg.connect(POSTGRES_ADMIN, connect_timeout=3, autocommit=True)
     except psycopg.OperationalError as exc:
@@ -167,3 +215,60 @@ def postgres_url():
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+class StrictSkips:
+    """With $WHISPER_EXP_STRICT_SKIPS=1 (set by .ci/run), a skip for anything but a declared
+    optional asset, or a session where no test passed (pytest's exit code 5 included), fails the
+    run: a silently skipped layer would otherwise look like a green CI."""
+
+    def __init__(self) -> None:
+        self.undeclared: list[tuple[str, str]] = []
+        self.passed = 0
+        self.problem = ""
+
+    @staticmethod
+    def _reason(report: pytest.TestReport | pytest.CollectReport) -> str:
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        return reason.removeprefix("Skipped: ")
+
+    def _record(self, report: pytest.TestReport | pytest.CollectReport) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):
+            reason = self._reason(report)
+            if not reason.startswith(OPTIONAL_ASSET_PREFIX):
+                self.undeclared.append((report.nodeid, reason))
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        self._record(report)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._record(report)
+        if report.when == "call" and report.passed:
+            self.passed += 1
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_sessionfinish(self, session: pytest.Session, exitstatus: int) -> None:
+        if exitstatus == pytest.ExitCode.INTERRUPTED:
+            return
+        if self.undeclared:
+            lines = [f"  {nodeid}: {reason}" for nodeid, reason in self.undeclared]
+            self.problem = (f"{len(self.undeclared)} test(s) skipped for a reason that is not a "
+                            f"declared optional asset ({', '.join(OPTIONAL_ASSETS)}):\n"
+                            + "\n".join(lines))
+        elif self.passed == 0:
+            self.problem = (f"no test passed (pytest exit status {int(exitstatus)}): nothing was "
+                            "tested")
+        if self.problem and session.exitstatus in (pytest.ExitCode.OK,
+                                                   pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if self.problem:
+            terminalreporter.section(f"{STRICT_SKIPS_ENV}=1", sep="=", red=True, bold=True)
+            terminalreporter.line(self.problem, red=True)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.get(STRICT_SKIPS_ENV) == "1":
+        config.pluginmanager.register(StrictSkips(), "whisper-exp-strict-skips")
