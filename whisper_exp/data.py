@@ -9,6 +9,7 @@ file and row before any training starts, so one run reports all bad rows at once
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import logging
 import random
@@ -229,26 +230,78 @@ def read_source(source: str | Path, cfg: DataConfig, hf_split: str | None = None
 
 # --------------------------------------------------------------------------- text case
 
-_SENTENCE_END = re.compile(r"[.!?…]$")
+# Full stops, question and exclamation marks of the scripts Whisper covers (Latin, CJK, Arabic,
+# Devanagari/Bengali danda, Armenian, Greek, Ethiopic, Myanmar), optionally followed by closing
+# quotes or brackets: a transcript ending in any of them already has its own final punctuation.
+_SENTENCE_END = re.compile("[.!?…。？！｡．؟۔।॥։;።။][\"'”’»)\\]」』]*$")
 _LONE_I = re.compile(r"\bi\b(?=('(m|ll|ve|d|s))?\b)")
+# Languages written in scripts without letter case (Chinese, Japanese, Korean, Thai, Arabic,
+# Hebrew, the Indic scripts, ...): upper/lower/sentence case means nothing there, and the Latin
+# acronyms they contain ("NBA") are not shouting. Georgian is unicameral in running text.
+UNCASED_LANGUAGES = frozenset({
+    "zh", "yue", "ja", "ko", "th", "lo", "km", "my", "bo", "ar", "fa", "ur", "ps", "sd", "ug",
+    "he", "yi", "hi", "mr", "ne", "sa", "bn", "as", "pa", "gu", "ta", "te", "kn", "ml", "si",
+    "am", "ka",
+})
+# The full stop a cased language appends when a transcript ends without one.
+_FULL_STOP = {"hy": "։"}
+
+
+@functools.lru_cache(maxsize=64)
+def language_code(language: str | None) -> str:
+    """``"Italian"``/``"it"`` -> ``"it"``; None (an English-only ``.en`` model) -> ``"en"``."""
+    if language is None:
+        return "en"
+    key = language.strip().lower()
+    if key in ("en", "english"):
+        return "en"
+    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
+
+    if key in LANGUAGES:
+        return key
+    return TO_LANGUAGE_CODE.get(key, key)
+
+
+def _cased_letter_share(text: str) -> tuple[int, int]:
+    """(letters, letters that have an upper/lower case form)."""
+    letters = [c for c in text if c.isalpha()]
+    return len(letters), sum(c.isupper() or c.islower() for c in letters)
+
+
+def _in_cased_script(text: str) -> bool:
+    """Most of the letters have case: Latin/Cyrillic/Greek text, not Chinese with an acronym."""
+    letters, cased = _cased_letter_share(text)
+    return letters > 0 and 2 * cased > letters
 
 
 def is_all_caps(text: str) -> bool:
-    letters = [c for c in text if c.isalpha()]
-    return bool(letters) and all(c.isupper() for c in letters if c.lower() != c.upper())
+    """Has cased letters and every one is upper-case (text without case is never all caps)."""
+    cased = [c for c in text if c.isupper() or c.islower()]
+    return bool(cased) and all(c.isupper() for c in cased)
 
 
-def sentence_case(text: str) -> str:
-    """``WE CALL IT BEAR`` -> ``We call it bear.``: what Whisper was pre-trained to emit."""
-    text = _LONE_I.sub("I", text.lower().strip())
-    if not text:
+def sentence_case(text: str, language: str | None = "english") -> str:
+    """``WE CALL IT BEAR`` -> ``We call it bear.``: what Whisper was pre-trained to emit.
+    The English "I" rule applies to English only; text in a script without case is returned
+    as it is, and no "." is added after the language's own final punctuation (。？！؟।)."""
+    code = language_code(language)
+    text = text.strip()
+    if not text or code in UNCASED_LANGUAGES or not _in_cased_script(text):
         return text
+    text = text.lower()
+    if code == "en":
+        text = _LONE_I.sub("I", text)
     text = text[0].upper() + text[1:]
-    return text if _SENTENCE_END.search(text) else text + "."
+    if _SENTENCE_END.search(text) or (code == "el" and text.endswith(";")):
+        return text
+    return text + _FULL_STOP.get(code, ".")
 
 
-def apply_text_case(examples: Sequence[Example], mode: str) -> tuple[int, str | None]:
-    """Rewrite transcripts in place; returns (rows changed, notice for the log)."""
+def apply_text_case(examples: Sequence[Example], mode: str,
+                    language: str | None = "english") -> tuple[int, str | None]:
+    """Rewrite transcripts in place; returns (rows changed, notice for the log). ``auto`` acts
+    only on a corpus in a cased language, mostly in a cased script, whose cased rows are nearly
+    all upper-case; rows in other scripts are left as they are."""
     if mode == "keep":
         return 0, None
     if mode == "lower":
@@ -256,14 +309,16 @@ def apply_text_case(examples: Sequence[Example], mode: str) -> tuple[int, str | 
         for e in examples:
             e.text = e.text.lower()
         return changed, f"text_case=lower: {changed} transcript(s) lower-cased"
-    cased = [e for e in examples if any(c.isalpha() for c in e.text)]
+    with_letters = sum(any(c.isalpha() for c in e.text) for e in examples)
+    cased = [e for e in examples if _in_cased_script(e.text)]
     caps = [e for e in cased if is_all_caps(e.text)]
-    if mode == "auto" and (not cased or len(caps) < 0.9 * len(cased)):
+    if mode == "auto" and (language_code(language) in UNCASED_LANGUAGES or not caps
+                           or 2 * len(cased) < with_letters or len(caps) < 0.9 * len(cased)):
         return 0, None
     targets = caps if mode == "auto" else examples
     changed = 0
     for e in targets:
-        new = sentence_case(e.text)
+        new = sentence_case(e.text, language)
         changed += new != e.text
         e.text = new
     reason = "transcripts are all upper-case, " if mode == "auto" else ""
@@ -356,10 +411,11 @@ def _subset(examples: list[Example], limit: int | None, seed: int) -> list[Examp
 
 
 def _prepare(
-    loaded: LoadedData, cfg: DataConfig, count_label_tokens, max_label_tokens
+    loaded: LoadedData, cfg: DataConfig, count_label_tokens, max_label_tokens,
+    language: str | None,
 ) -> tuple[list[Example], list[Problem], list[str]]:
     notices = list(loaded.notices)
-    _, notice = apply_text_case(loaded.examples, cfg.text_case)
+    _, notice = apply_text_case(loaded.examples, cfg.text_case, language)
     if notice:
         notices.append(notice)
     good, problems = validate(loaded.examples, max_duration_s=cfg.max_duration_s,
@@ -370,12 +426,13 @@ def _prepare(
 
 def load_eval_only(
     source: str | Path, cfg: DataConfig, *, count_label_tokens=None, max_label_tokens=None,
-    seed: int = 42,
+    seed: int = 42, language: str | None = "english",
 ) -> DatasetSplit:
-    """A whole dataset for evaluation (no held-out split)."""
+    """A whole dataset for evaluation (no held-out split). ``language`` is the model's
+    (``cfg.model.language``; None for an English-only model): it decides text case."""
     good, problems, notices = _prepare(read_source(source, cfg, cfg.eval_split_name or
                                                    cfg.train_split_name),
-                                       cfg, count_label_tokens, max_label_tokens)
+                                       cfg, count_label_tokens, max_label_tokens, language)
     _raise_or_skip(problems, cfg.on_invalid)
     _require(good, source)
     return DatasetSplit([], _subset(good, cfg.max_eval_samples, seed), problems, notices,
@@ -383,16 +440,19 @@ def load_eval_only(
 
 
 def load_splits(
-    cfg: DataConfig, *, seed: int, count_label_tokens=None, max_label_tokens=None
+    cfg: DataConfig, *, seed: int, count_label_tokens=None, max_label_tokens=None,
+    language: str | None = "english",
 ) -> DatasetSplit:
-    """Read, case-normalise, validate and split; raises DataError listing every bad row."""
+    """Read, case-normalise, validate and split; raises DataError listing every bad row.
+    ``language`` is the model's (``cfg.model.language``; None for an English-only model)."""
     train, problems, notices = _prepare(read_source(cfg.train, cfg), cfg, count_label_tokens,
-                                        max_label_tokens)
+                                        max_label_tokens, language)
     if cfg.eval:
         eval_split = cfg.eval_split_name or (cfg.train_split_name if cfg.eval != cfg.train
                                              else "test")
         evals, eval_problems, eval_notices = _prepare(
-            read_source(cfg.eval, cfg, eval_split), cfg, count_label_tokens, max_label_tokens)
+            read_source(cfg.eval, cfg, eval_split), cfg, count_label_tokens, max_label_tokens,
+            language)
         problems += eval_problems
         notices += eval_notices
         method = f"separate eval source {cfg.eval}"
