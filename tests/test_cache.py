@@ -27,7 +27,7 @@ def test_memory_then_disk_with_counters(tmp_path):
     assert isinstance(loaded, np.memmap) and loaded.dtype == np.float16
     assert cache.get("nope") is None
     assert (cache.hits, cache.misses) == (1, 1)
-    (tmp_path / "torn.npy").write_bytes(b"\x93NUMPY garbage")
+    cache._path("torn").write_bytes(b"\x93NUMPY garbage")
     assert cache.get("torn") is None, "a torn file from a killed run is a miss, not a crash"
 
 
@@ -163,3 +163,19 @@ def test_training_reuses_the_cache_across_runs(tiny_multilingual_path, sample_di
                                           cache_encoder=False)).run_id)
     assert off.data.params["cache.encoder_active"] == "False"
     assert off.data.tags["cache.encoder_refusal"] == "training.cache_encoder is false"
+
+
+def test_disk_entries_are_kept_apart_by_dtype(tmp_path, monkeypatch):
+    """An fp32 run and an fp16 run on the same cache_dir/namespace each get their own dtype."""
+    from whisper_exp import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_CACHES", {})
+    monkeypatch.setattr(cache_module, "_POOL", cache_module.MemoryPool(0))
+    values = np.full((4, 4), 1 / 3)
+    full = cache_module.shared_cache("encoder-x", tmp_path, 0, "float32")
+    full.put("a", values)
+    half = cache_module.shared_cache("encoder-x", tmp_path, 0, "float16")
+    assert half.get("a") is None, "an fp32 entry is not an fp16 hit"
+    half.put("a", values)
+    assert full.get("a").dtype == np.float32 and half.get("a").dtype == np.float16
+    np.testing.assert_array_equal(full.get("a"), values.astype(np.float32))

@@ -30,10 +30,16 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- fingerprints
 
 
-def audio_fingerprint(audio: str | bytes) -> str:
+def audio_fingerprint(audio: str | os.PathLike | bytes | AudioRef) -> str:  # noqa: F821
+    """Hash of the encoded audio file: a path, its bytes, or an ``AudioRef`` to a dataset row
+    holding them all give the same key (a reference is read only now, one clip at a time)."""
+    from whisper_exp.audio import AudioRef
+
     digest = hashlib.sha256()
-    if isinstance(audio, bytes):
+    if isinstance(audio, (bytes, bytearray, memoryview)):
         digest.update(audio)
+    elif isinstance(audio, AudioRef) and not isinstance(audio, (str, os.PathLike)):
+        digest.update(audio.read_bytes())
     else:
         with open(audio, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):
@@ -91,7 +97,9 @@ class ArrayCache:
         self.misses = 0
 
     def _path(self, key: str) -> Path | None:
-        return self.directory / f"{key}.npy" if self.directory else None
+        """``<key>.<dtype>.npy``: runs with another ``cache_dtype`` on the same directory keep
+        their own arrays instead of reading each other's."""
+        return self.directory / f"{key}.{self.dtype.name}.npy" if self.directory else None
 
     def get(self, key: str) -> np.ndarray | None:
         array = self.memory.get(key)
