@@ -19,7 +19,6 @@ from whisper_exp.audio import load_audio
 from whisper_exp.cli import main
 from whisper_exp.config import load_config
 from whisper_exp.decoding import TranscribeError
-from whisper_exp.evaluation import transcribe_arrays
 from whisper_exp.export import (
     ExportError,
     export_model,
@@ -27,6 +26,7 @@ from whisper_exp.export import (
     load_faster_whisper,
     transcribe_with_faster_whisper,
 )
+from whisper_exp.generation import transcribe_arrays
 from whisper_exp.metrics import make_normalizer, score
 from whisper_exp.modeling import apply_strategy, load_base, load_for_inference, save_trained
 

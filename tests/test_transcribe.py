@@ -21,12 +21,14 @@ from whisper_exp.transcribe import (
     Segment,
     TranscribeError,
     Transcriber,
-    Transcript,
     collect_audio_files,
+    transcribe_paths,
+)
+from whisper_exp.transcript_formats import (
+    Transcript,
     format_json,
     format_srt,
     format_vtt,
-    transcribe_paths,
     write_transcripts,
 )
 
@@ -245,3 +247,19 @@ def test_long_form_window_budget_leaves_room_for_previous_text():
     assert window_max_new_tokens(DecodeOptions(max_new_tokens=400)) == 220
     assert window_max_new_tokens(DecodeOptions(max_new_tokens=400,
                                                condition_on_prev_tokens=False)) == 400
+
+
+def test_inference_modules_do_not_import_evaluation_and_formats_need_no_torch():
+    """Module boundaries: transcription shares batched decoding with evaluation through
+    ``whisper_exp.generation`` instead of importing the evaluate entry point (and with it MLflow
+    run logging and dataset loading), and writing transcripts does not load torch."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, whisper_exp.transcribe, whisper_exp.comparison; "
+             "print('whisper_exp.evaluation' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"
+    probe = "import sys, whisper_exp.transcript_formats; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          check=True).stdout.strip() == "False"

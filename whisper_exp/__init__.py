@@ -22,7 +22,7 @@ _API = {
     "TrainResult": "whisper_exp.training",
     "run_evaluation": "whisper_exp.evaluation",
     "evaluate_examples": "whisper_exp.evaluation",
-    "transcribe_arrays": "whisper_exp.evaluation",
+    "transcribe_arrays": "whisper_exp.generation",
     "load_splits": "whisper_exp.data",
     "prepare_folder": "whisper_exp.data",
     "load_for_inference": "whisper_exp.modeling",

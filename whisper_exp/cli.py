@@ -313,8 +313,9 @@ def transcribe(paths, model, recursive, fmt, output_dir, batch_size, num_beams, 
                timestamps, condition_on_prev_tokens, temperature_fallback, max_new_tokens,
                compare_with, tracking_uri):
     """Transcribe audio files and folders; recordings over 30 s use long-form generation."""
-    from whisper_exp import tracking
+    from whisper_exp import comparison, tracking
     from whisper_exp import transcribe as tx
+    from whisper_exp import transcript_formats as formats
 
     tracking.configure(tracking_uri or None, None)
     options = tx.DecodeOptions(
@@ -324,17 +325,17 @@ def transcribe(paths, model, recursive, fmt, output_dir, batch_size, num_beams, 
         temperature_fallback=temperature_fallback, language=language or None)
     try:
         if compare_with:
-            comparison = tx.compare_models(paths, model, compare_with, recursive=recursive,
-                                           options=options)
-            click.echo(tx.format_comparison(comparison))
-            transcripts = comparison.tuned
+            compared = comparison.compare_models(paths, model, compare_with,
+                                                 recursive=recursive, options=options)
+            click.echo(comparison.format_comparison(compared))
+            transcripts = compared.tuned
         else:
             files = tx.collect_audio_files(paths, recursive)
             transcriber = tx.Transcriber.load(model)
             transcripts = transcriber.transcribe_files(files, options)
-            click.echo(tx.format_console(transcripts))
+            click.echo(formats.format_console(transcripts))
         if fmt:
-            for path in tx.write_transcripts(transcripts, fmt, output_dir or None):
+            for path in formats.write_transcripts(transcripts, fmt, output_dir or None):
                 click.echo(f"wrote {path}", err=True)
     except tx.TranscribeError as exc:
         click.echo(f"error: {exc}", err=True)

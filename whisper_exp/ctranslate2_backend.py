@@ -67,7 +67,7 @@ def decode_with_faster_whisper(model: WhisperModel, audio: np.ndarray, *,
                                language: str | None = None, beam_size: int = 1,
                                timestamps: bool = False, max_new_tokens: int | None = None,
                                long_form: DecodeOptions | None = None) -> Decoded:
-    """One 16 kHz clip or recording, decoded like ``evaluation.transcribe_arrays``: one pass at
+    """One 16 kHz clip or recording, decoded like ``generation.transcribe_arrays``: one pass at
     temperature 0 (no sampling fallback, so deterministic), no VAD, no previous-text prompt and
     no no-speech skipping; ``max_new_tokens`` None caps it as the transformers backend does.
     ``long_form`` (a recording over 30 s, which faster-whisper walks window by window itself)

@@ -1,6 +1,6 @@
 """Transcribe files, folders and hour-long recordings with any model reference.
 
-Clips up to 30 s are decoded in length-sorted batches (``evaluation.generate_batches``); longer
+Clips up to 30 s are decoded in length-sorted batches (``generation.generate_batches``); longer
 recordings go through transformers' sequential long-form generation, which moves a 30 s window by
 the model's own timestamps (optionally conditioned on the previous window's text) instead of
 cutting at fixed 30 s boundaries that split words. A file that cannot be decoded is reported
@@ -9,12 +9,8 @@ and the others are still transcribed.
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,13 +39,12 @@ from whisper_exp.decoding import (
     language_code,
     window_max_new_tokens,
 )
-from whisper_exp.evaluation import generate_batches
-from whisper_exp.metrics import Scores, make_normalizer, score, utterance_wer
+from whisper_exp.generation import generate_batches
 from whisper_exp.modeling import is_multilingual, load_for_inference
+from whisper_exp.transcript_formats import Transcript
 
 log = logging.getLogger(__name__)
 
-OUTPUT_FORMATS = ("txt", "json", "srt", "vtt")
 # Whisper paper's long-form fallback settings (as transformers documents them).
 FALLBACK_SETTINGS: dict[str, Any] = {
     "temperature": FALLBACK_TEMPERATURES,
@@ -57,30 +52,6 @@ FALLBACK_SETTINGS: dict[str, Any] = {
     "logprob_threshold": -1.0,
     "no_speech_threshold": 0.6,
 }
-
-
-@dataclass
-class Transcript:
-    """One input file: its text and timed segments, or the error that stopped it."""
-
-    file: str
-    text: str = ""
-    segments: list[Segment] = field(default_factory=list)
-    duration: float = 0.0
-    error: str | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None
-
-    def cues(self) -> list[Segment]:
-        """Segments for subtitles; one cue for the whole file when there are no timestamps."""
-        if self.segments:
-            return self.segments
-        return [Segment(0.0, self.duration, self.text)] if self.text else []
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # --------------------------------------------------------------------------- the model
@@ -330,175 +301,3 @@ def transcribe_paths(
     transcriber = Transcriber.load(model_ref, device)
     transcriber.check_options(options)
     return transcriber.transcribe_files(files, options, progress=progress)
-
-
-# --------------------------------------------------------------------------- output formats
-
-
-def _clock(seconds: float, decimal: str) -> str:
-    millis = max(0, round(seconds * 1000))
-    hours, millis = divmod(millis, 3_600_000)
-    minutes, millis = divmod(millis, 60_000)
-    secs, millis = divmod(millis, 1000)
-    return f"{hours:02d}:{minutes:02d}:{secs:02d}{decimal}{millis:03d}"
-
-
-def format_txt(transcript: Transcript) -> str:
-    return transcript.text + "\n"
-
-
-def format_json(transcript: Transcript) -> str:
-    return json.dumps(transcript.to_dict(), ensure_ascii=False, indent=2) + "\n"
-
-
-def format_srt(transcript: Transcript) -> str:
-    blocks = [f"{n}\n{_clock(cue.start, ',')} --> {_clock(cue.end, ',')}\n{cue.text}\n"
-              for n, cue in enumerate(transcript.cues(), start=1)]
-    return "\n".join(blocks)
-
-
-def format_vtt(transcript: Transcript) -> str:
-    blocks = [f"{_clock(cue.start, '.')} --> {_clock(cue.end, '.')}\n{cue.text}\n"
-              for cue in transcript.cues()]
-    return "WEBVTT\n\n" + "\n".join(blocks)
-
-
-FORMATTERS: dict[str, Callable[[Transcript], str]] = {
-    "txt": format_txt, "json": format_json, "srt": format_srt, "vtt": format_vtt,
-}
-
-
-def write_transcripts(transcripts: Sequence[Transcript], fmt: str,
-                      output_dir: str | Path | None = None) -> list[Path]:
-    """One ``<stem>.<fmt>`` per transcribed file: next to the audio, or under ``output_dir``
-    mirroring the inputs' folders. Failed files get none."""
-    if fmt not in FORMATTERS:
-        raise TranscribeError(f"unknown format {fmt!r}; use one of {', '.join(OUTPUT_FORMATS)}")
-    done = [t for t in transcripts if t.ok]
-    root = None
-    if output_dir is not None and done:
-        root = Path(os.path.commonpath([str(Path(t.file).resolve().parent) for t in done]))
-    written = []
-    for transcript in done:
-        source = Path(transcript.file).resolve()
-        if root is None:
-            target = source.with_suffix(f".{fmt}")
-        else:
-            target = Path(output_dir, source.parent.relative_to(root), f"{source.stem}.{fmt}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(FORMATTERS[fmt](transcript), encoding="utf-8")
-        written.append(target)
-    return written
-
-
-# --------------------------------------------------------------------------- base vs tuned
-
-
-def find_references(files: Sequence[str | Path]) -> dict[str, str]:
-    """Reference transcripts by resolved file path: from a ``metadata.csv`` in the file's
-    folder (``file_name,transcription``) or a same-stem ``.txt`` beside the audio."""
-    from whisper_exp.config import DataConfig
-    from whisper_exp.data import METADATA_FILE, DataError, read_source
-
-    references: dict[str, str] = {}
-    folders = {Path(f).resolve().parent for f in files}
-    for folder in sorted(folders):
-        if (folder / METADATA_FILE).exists():
-            try:
-                loaded = read_source(folder / METADATA_FILE, DataConfig())
-            except DataError as exc:
-                log.warning("references in %s ignored: %s", folder / METADATA_FILE, exc)
-                continue
-            for example in loaded.examples:
-                references[str(Path(example.audio).resolve())] = example.text
-    for file in files:
-        path = Path(file).resolve()
-        text_file = path.with_suffix(".txt")
-        if str(path) not in references and text_file.exists():
-            references[str(path)] = text_file.read_text(encoding="utf-8").strip()
-    return references
-
-
-@dataclass
-class Comparison:
-    """Base and tuned transcripts of the same files, with WER where references exist."""
-
-    rows: list[dict[str, Any]]
-    base: list[Transcript]
-    tuned: list[Transcript]
-    base_scores: Scores | None
-    tuned_scores: Scores | None
-
-
-def compare_models(paths: Iterable[str | Path], model_ref: str, base_ref: str, *,
-                   recursive: bool = False, options: DecodeOptions | None = None,
-                   device: torch.device | None = None, progress: bool = True) -> Comparison:
-    """Transcribe the same files with a base and a fine-tuned model, side by side."""
-    options = options or DecodeOptions()
-    files = collect_audio_files(paths, recursive)
-    outputs: dict[str, list[Transcript]] = {}
-    normalize = None
-    for role, reference in (("base", base_ref), ("tuned", model_ref)):
-        transcriber = Transcriber.load(reference, device)
-        outputs[role] = transcriber.transcribe_files(files, options, progress=progress)
-        if normalize is None:
-            language = options.language if transcriber.multilingual else "english"
-            normalize = make_normalizer(transcriber.processor.tokenizer, language or "english")
-        del transcriber
-    references = find_references(files)
-    rows, scored = [], []
-    for base, tuned in zip(outputs["base"], outputs["tuned"], strict=True):
-        reference = references.get(str(Path(base.file).resolve()))
-        row = {"file": base.file, "reference": reference, "base": base.text,
-               "tuned": tuned.text, "base_wer": math.nan, "tuned_wer": math.nan,
-               "error": base.error or tuned.error}
-        if reference is not None and base.ok and tuned.ok:
-            row["base_wer"] = utterance_wer(reference, base.text, normalize)
-            row["tuned_wer"] = utterance_wer(reference, tuned.text, normalize)
-            scored.append((reference, base.text, tuned.text))
-        rows.append(row)
-    base_scores = tuned_scores = None
-    if scored:
-        refs = [s[0] for s in scored]
-        base_scores = score(refs, [s[1] for s in scored], normalize)
-        tuned_scores = score(refs, [s[2] for s in scored], normalize)
-    return Comparison(rows, outputs["base"], outputs["tuned"], base_scores, tuned_scores)
-
-
-# --------------------------------------------------------------------------- console output
-
-
-def format_console(transcripts: Sequence[Transcript]) -> str:
-    """Plain text for one file (pipe-friendly), ``file: text`` lines for several."""
-    done = [t for t in transcripts if t.ok]
-    if len(transcripts) == 1 and done:
-        return done[0].text
-    return "\n".join(f"{t.file}: {t.text}" for t in done)
-
-
-def _percent(value: float) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{100 * value:.1f}%"
-
-
-def format_comparison(comparison: Comparison) -> str:
-    """Per file: reference (if any), base and tuned text with WER; then corpus WER."""
-    lines = []
-    for row in comparison.rows:
-        lines.append(row["file"])
-        if row["error"]:
-            lines.append(f"  error:     {row['error']}")
-            continue
-        if row["reference"] is not None:
-            lines.append(f"  reference: {row['reference']}")
-        lines.append(f"  base:      {row['base']}  (WER {_percent(row['base_wer'])})"
-                     if row["reference"] is not None else f"  base:      {row['base']}")
-        lines.append(f"  tuned:     {row['tuned']}  (WER {_percent(row['tuned_wer'])})"
-                     if row["reference"] is not None else f"  tuned:     {row['tuned']}")
-    if comparison.base_scores is not None and comparison.tuned_scores is not None:
-        lines.append(f"WER over {comparison.tuned_scores.n_scored} file(s) with references: "
-                     f"base {_percent(comparison.base_scores.wer)} -> tuned "
-                     f"{_percent(comparison.tuned_scores.wer)}")
-    else:
-        lines.append("no references found (metadata.csv in the folder or a .txt beside the "
-                     "audio): WER not computed")
-    return "\n".join(lines)
