@@ -179,3 +179,45 @@ def test_disk_entries_are_kept_apart_by_dtype(tmp_path, monkeypatch):
     half.put("a", values)
     assert full.get("a").dtype == np.float32 and half.get("a").dtype == np.float16
     np.testing.assert_array_equal(full.get("a"), values.astype(np.float32))
+
+
+def _frozen_tiny_encoder(**config) -> torch.nn.Module:
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    encoder = WhisperEncoder(WhisperConfig(
+        d_model=8, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=8,
+        num_mel_bins=4, max_source_positions=4, **config))
+    return encoder.requires_grad_(False)
+
+
+@pytest.mark.parametrize("config, k, reason", [
+    ({}, 2, None),
+    ({"apply_spec_augment": True, "mask_time_prob": 0.05}, 2, "SpecAugment"),
+    ({"apply_spec_augment": True, "mask_time_prob": 0.0, "mask_feature_prob": 0.1}, 2,
+     "SpecAugment"),
+    ({"apply_spec_augment": True, "mask_time_prob": 0.0, "mask_feature_prob": 0.0}, 2, None),
+    ({"apply_spec_augment": False, "mask_time_prob": 0.05}, 2, None),
+    ({"attention_dropout": 0.1}, 2, "attention_dropout"),
+    ({"activation_dropout": 0.1}, 1, "activation_dropout"),
+])
+def test_cache_refused_when_the_frozen_prefix_is_random_in_training(config, k, reason):
+    """SpecAugment masks the features before the encoder, and dropout inside a frozen layer
+    still fires in train mode: either way the prefix output is not a pure function of audio."""
+    from whisper_exp.cache import cache_refusal
+
+    refusal = cache_refusal(_frozen_tiny_encoder(**config), k, enabled=True)
+    if reason is None:
+        assert refusal is None
+    else:
+        assert refusal is not None and reason in refusal
+
+
+def test_dropout_above_the_frozen_layers_does_not_refuse():
+    from whisper_exp.cache import cache_refusal
+
+    encoder = _frozen_tiny_encoder()
+    encoder.layers[1].activation_dropout = 0.1
+    encoder.layers[1].self_attn.dropout = 0.1
+    assert cache_refusal(encoder, 1, enabled=True) is None
+    assert "layer 1" in cache_refusal(encoder, 2, enabled=True)

@@ -206,6 +206,20 @@ def cache_refusal(encoder: torch.nn.Module, k: int, enabled: bool) -> str | None
         return f"the bottom {k} encoder layers are not frozen"
     if getattr(encoder, "dropout", 0.0) or getattr(encoder, "layerdrop", 0.0):
         return "encoder dropout/LayerDrop is on, so its output is not a pure function of audio"
+    config = getattr(encoder, "config", None)
+    if getattr(config, "apply_spec_augment", False) and (
+            getattr(config, "mask_time_prob", 0.0) or getattr(config, "mask_feature_prob", 0.0)):
+        return ("SpecAugment is on (config.apply_spec_augment with mask_time_prob/"
+                "mask_feature_prob > 0): it masks the features before the encoder in training, "
+                "so the frozen prefix's output is not a pure function of audio")
+    for index, layer in enumerate(encoder.layers[:k]):
+        rates = {"dropout": getattr(layer, "dropout", 0.0),
+                 "activation_dropout": getattr(layer, "activation_dropout", 0.0),
+                 "attention_dropout": getattr(getattr(layer, "self_attn", None), "dropout", 0.0)}
+        active = [f"{name}={rate}" for name, rate in rates.items() if rate]
+        if active:
+            return (f"frozen encoder layer {index} has {', '.join(active)}: dropout still fires "
+                    "in training, so the frozen prefix's output is not a pure function of audio")
     return None
 
 
