@@ -3,7 +3,7 @@ import pytest
 import soundfile as sf
 from conftest import write_tone
 
-from whisper_exp.audio import AudioError, find_audio_files, load_audio, probe
+from whisper_exp.audio import AudioError, AudioRef, find_audio_files, load_audio, probe
 
 
 @pytest.mark.parametrize("suffix, fmt, subtype", [
@@ -48,3 +48,24 @@ def test_find_audio_files(tmp_path):
     (tmp_path / "notes.txt").write_text("x")
     assert [p.name for p in find_audio_files(tmp_path)] == ["a.wav"]
     assert [p.name for p in find_audio_files(tmp_path, recursive=True)] == ["a.wav", "b.flac"]
+
+
+class _BytesRef:
+    """A minimal AudioRef: anything with a name and read_bytes() is decoded like a file."""
+
+    def __init__(self, data: bytes):
+        self.name, self.data, self.reads = "ref", data, 0
+
+    def read_bytes(self) -> bytes:
+        self.reads += 1
+        return self.data
+
+
+def test_audio_refs_are_read_on_demand(tmp_path):
+    path = write_tone(tmp_path / "a.flac", seconds=1.5, rate=8_000)
+    ref = _BytesRef(path.read_bytes())
+    assert isinstance(ref, AudioRef) and ref.reads == 0
+    np.testing.assert_array_equal(load_audio(ref), load_audio(path))
+    assert probe(ref) == probe(path) and ref.reads == 2
+    with pytest.raises(AudioError, match="cannot"):
+        load_audio(_BytesRef(b"not audio"))

@@ -282,3 +282,65 @@ def test_load_splits_passes_the_language_on(tmp_path):
     evals = load_eval_only(tmp_path, cfg, language="italian").eval
     assert {e.text for e in evals} == {"Sono i miei."}
     assert {e.text for e in load_splits(cfg, seed=0).train} == {"Sono I miei."}
+
+
+def _hf_bytes_dataset(tmp_path, n=5):
+    """A ``save_to_disk`` dataset whose audio column holds the file bytes (as hub datasets do)."""
+    import datasets
+
+    clips = [write_tone(tmp_path / f"b{i}.flac", seconds=0.5 + 0.1 * i).read_bytes()
+             for i in range(n)]
+    features = datasets.Features({
+        "audio": {"bytes": datasets.Value("binary"), "path": datasets.Value("string")},
+        "transcription": datasets.Value("string"), "speaker": datasets.Value("string")})
+    ds = datasets.Dataset.from_dict({
+        "audio": [{"bytes": clip, "path": None} for clip in clips],
+        "transcription": [f"Line {i}." for i in range(n)],
+        "speaker": [f"s{i % 2}" for i in range(n)]}, features=features)
+    ds = ds.cast_column("audio", datasets.Audio(decode=False))  # as the hub stores it
+    datasets.DatasetDict({"train": ds}).save_to_disk(tmp_path / "hf")
+    return tmp_path / "hf", clips
+
+
+def test_hugging_face_audio_bytes_are_read_lazily(tmp_path):
+    import pickle
+
+    from whisper_exp.audio import AudioRef, load_audio, probe
+    from whisper_exp.cache import audio_fingerprint
+
+    folder, clips = _hf_bytes_dataset(tmp_path)
+    examples = read_source(folder, DataConfig()).examples
+    assert [e.text for e in examples] == [f"Line {i}." for i in range(5)]
+    assert [e.speaker for e in examples] == ["s0", "s1", "s0", "s1", "s0"]
+    for example, clip in zip(examples, clips, strict=True):
+        assert isinstance(example.audio, AudioRef) and not isinstance(example.audio, bytes)
+        assert example.audio.read_bytes() == clip
+        np.testing.assert_array_equal(load_audio(example.audio), load_audio(clip))
+        assert probe(example.audio) == probe(clip)
+        assert audio_fingerprint(example.audio) == audio_fingerprint(clip)
+    # the rows point into the memory-mapped dataset: pickling them (DataLoader workers) carries
+    # no audio, and the copy still reads every clip
+    pickled = pickle.dumps(examples)
+    assert len(pickled) < sum(map(len, clips)) / 2
+    assert [e.audio.read_bytes() for e in pickle.loads(pickled)] == clips
+
+
+def test_hugging_face_bytes_rows_feed_training(tmp_path, tiny_english_path):
+    import torch
+    from transformers import WhisperProcessor
+
+    from whisper_exp.audio import AudioRef
+    from whisper_exp.training import MelFeatures, SpeechCollator, SpeechDataset
+
+    folder, clips = _hf_bytes_dataset(tmp_path, n=6)
+    split = load_splits(DataConfig(train=str(folder), eval_split=0.34), seed=0)
+    assert all(isinstance(e.audio, AudioRef) for e in split.train + split.eval)
+    processor = WhisperProcessor.from_pretrained(tiny_english_path)
+    dataset = SpeechDataset(split.train, processor)
+    start = processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=2, collate_fn=SpeechCollator(MelFeatures(processor), start))
+    batches = list(loader)
+    assert sum(len(b["input_features"]) for b in batches) == len(split.train)
+    assert batches[0]["input_features"].shape[1:] == (80, 3000)
+    assert len(set(dataset.keys)) == len(split.train)

@@ -8,8 +8,10 @@ transformers' own ``audio_utils.load_audio`` uses.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeAlias, runtime_checkable
 
 import numpy as np
 import soundfile as sf
@@ -23,6 +25,35 @@ class AudioError(ValueError):
     """The file is missing, cannot be decoded, or holds no samples."""
 
 
+@runtime_checkable
+class AudioRef(Protocol):
+    """Audio stored elsewhere (e.g. one row of a memory-mapped Arrow dataset), read only when
+    decoded or hashed, so a corpus larger than RAM never has to sit in memory as bytes."""
+
+    @property
+    def name(self) -> str:
+        """Stable, human-readable identity (dataset, split and row) for messages."""
+        ...
+
+    def read_bytes(self) -> bytes:
+        """The encoded audio file (flac, wav, ...), exactly as stored."""
+        ...
+
+
+AudioSource: TypeAlias = str | os.PathLike | bytes | AudioRef
+
+
+def _file_like(source: AudioSource) -> str | io.BytesIO:
+    """What libsndfile opens: a path, or the bytes (read now, for a reference) in a buffer."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return io.BytesIO(source)
+    if isinstance(source, (str, os.PathLike)):
+        return os.fspath(source)
+    if isinstance(source, AudioRef):
+        return io.BytesIO(source.read_bytes())
+    raise TypeError(f"not an audio source: {type(source).__name__} (path, bytes or AudioRef)")
+
+
 @dataclass(frozen=True)
 class AudioInfo:
     duration_s: float
@@ -31,10 +62,10 @@ class AudioInfo:
     frames: int
 
 
-def probe(source: str | Path | bytes) -> AudioInfo:
+def probe(source: AudioSource) -> AudioInfo:
     """Read only the header: cheap enough to validate a whole dataset before training."""
     try:
-        info = sf.info(io.BytesIO(source) if isinstance(source, bytes) else str(source))
+        info = sf.info(_file_like(source))
     except Exception as exc:  # libsndfile raises several types; all mean "cannot decode"
         raise AudioError(f"cannot read audio header: {exc}") from None
     frames = int(info.frames)
@@ -51,11 +82,10 @@ def to_mono_16k(samples: np.ndarray, sample_rate: int) -> np.ndarray:
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
-def load_audio(source: str | Path | bytes) -> np.ndarray:
-    """Decode a file path or raw file bytes to 16 kHz mono float32 in [-1, 1]."""
+def load_audio(source: AudioSource) -> np.ndarray:
+    """Decode a file path, raw file bytes or an AudioRef to 16 kHz mono float32 in [-1, 1]."""
     try:
-        handle = io.BytesIO(source) if isinstance(source, bytes) else str(source)
-        samples, sample_rate = sf.read(handle, dtype="float32", always_2d=False)
+        samples, sample_rate = sf.read(_file_like(source), dtype="float32", always_2d=False)
     except Exception as exc:
         raise AudioError(f"cannot decode audio: {exc}") from None
     if samples.size == 0:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from whisper_exp.audio import AUDIO_EXTENSIONS, AudioError, find_audio_files, probe
+from whisper_exp.audio import AUDIO_EXTENSIONS, AudioError, AudioRef, find_audio_files, probe
 from whisper_exp.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -34,9 +34,10 @@ class DataError(ValueError):
 
 @dataclass
 class Example:
-    """One utterance. ``audio`` is a file path, or raw file bytes for hub datasets."""
+    """One utterance. ``audio`` is a file path, raw file bytes, or an ``AudioRef`` (a row of a
+    memory-mapped Hugging Face dataset, read when decoded)."""
 
-    audio: str | bytes
+    audio: str | bytes | AudioRef
     text: str
     name: str
     speaker: str | None = None
@@ -177,9 +178,58 @@ def _read_txt_pairs(folder: Path) -> LoadedData:
     return LoadedData(examples, notices=[f"read .txt transcripts in {folder} (read-only)"])
 
 
+@dataclass(frozen=True, eq=False)
+class DatasetAudioRef:
+    """One row's audio in a (memory-mapped) Hugging Face dataset: holds the dataset and the row
+    index, not the bytes, which are read when the clip is hashed, probed or decoded."""
+
+    dataset: Any  # datasets.Dataset of the audio column only, in "arrow" format
+    index: int
+    column: str
+    name: str
+
+    def read_bytes(self) -> bytes:
+        value = self.dataset[self.index].column(self.column)[0]
+        data = value["bytes"] if value.type.num_fields else value
+        return data.as_py() or b""
+
+    def __repr__(self) -> str:
+        return f"DatasetAudioRef({self.name})"
+
+
+_HF_BATCH_ROWS = 1_000
+
+
+def _audio_locations(column) -> tuple[list[str | None], list[bool]]:
+    """Per row: the stored path, and whether the row holds audio bytes. Reads only the Arrow
+    offsets/validity and the path strings: the audio bytes stay on disk."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    rows = len(column)
+    kind = column.type
+    names = {kind.field(i).name for i in range(kind.num_fields)} if pa.types.is_struct(kind) \
+        else set()
+    paths: list[str | None] = [None] * rows
+    data = None
+    if names:
+        paths = pc.struct_field(column, "path").to_pylist() if "path" in names else paths
+        data = pc.struct_field(column, "bytes") if "bytes" in names else None
+    elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        paths = column.to_pylist()
+    elif pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        data = column
+    if data is None:
+        return paths, [False] * rows
+    sizes = pc.binary_length(data).to_pylist()
+    return paths, [bool(size) for size in sizes]
+
+
 def _read_hf_dataset(source: str, split: str, cfg: DataConfig) -> LoadedData:
     """Hub name, ``save_to_disk`` folder, or script/data path. Audio is decoded by us, not by
-    ``datasets.Audio`` (which needs torchcodec), so the column is cast to ``decode=False``."""
+    ``datasets.Audio`` (which needs torchcodec), so the column is cast to ``decode=False``.
+    Audio bytes are never loaded here: each row becomes a ``DatasetAudioRef`` into the
+    memory-mapped Arrow data (or the stored path), so a corpus larger than RAM still trains."""
     import datasets
 
     try:
@@ -202,19 +252,29 @@ def _read_hf_dataset(source: str, split: str, cfg: DataConfig) -> LoadedData:
     if isinstance(loaded.features[cfg.audio_column], datasets.Audio):
         loaded = loaded.cast_column(cfg.audio_column, datasets.Audio(decode=False))
     has_speaker = cfg.speaker_column in loaded.column_names
+    audio_rows = loaded.select_columns([cfg.audio_column]).with_format("arrow")
+    text_rows = loaded.select_columns(
+        [cfg.text_column] + ([cfg.speaker_column] if has_speaker else [])).with_format(None)
     examples, problems = [], []
-    for index, row in enumerate(loaded):
-        where = f"{source}[{split}] row {index}"
-        audio = row[cfg.audio_column]
-        if isinstance(audio, dict):
-            audio = audio.get("bytes") or audio.get("path")
-        if not isinstance(audio, (str, bytes)) or not audio:
-            problems.append(Problem(where, "<audio>", "audio column holds no path or bytes"))
-            continue
-        name = Path(audio).name if isinstance(audio, str) else f"{split}-{index:06d}"
-        speaker = str(row[cfg.speaker_column]) if has_speaker else None
-        examples.append(Example(audio, str(row[cfg.text_column] or "").strip(), name, speaker,
-                                where))
+    for first in range(0, len(loaded), _HF_BATCH_ROWS):
+        rows = range(first, min(first + _HF_BATCH_ROWS, len(loaded)))
+        paths, has_bytes = _audio_locations(audio_rows[first:rows.stop].column(cfg.audio_column))
+        columns = text_rows[first:rows.stop]
+        for offset, index in enumerate(rows):
+            where = f"{source}[{split}] row {index}"
+            audio: str | DatasetAudioRef
+            if has_bytes[offset]:
+                name = f"{split}-{index:06d}"
+                audio = DatasetAudioRef(audio_rows, index, cfg.audio_column, where)
+            elif paths[offset]:
+                audio = paths[offset]
+                name = Path(audio).name
+            else:
+                problems.append(Problem(where, "<audio>", "audio column holds no path or bytes"))
+                continue
+            speaker = str(columns[cfg.speaker_column][offset]) if has_speaker else None
+            examples.append(Example(audio, str(columns[cfg.text_column][offset] or "").strip(),
+                                    name, speaker, where))
     return LoadedData(examples, problems)
 
 
