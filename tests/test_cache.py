@@ -1,5 +1,7 @@
 """The encoder/mel caches: storage, keys, exactness against the uncached path, and reuse."""
 
+import os
+
 import mlflow
 import numpy as np
 import pytest
@@ -221,3 +223,49 @@ def test_dropout_above_the_frozen_layers_does_not_refuse():
     encoder.layers[1].self_attn.dropout = 0.1
     assert cache_refusal(encoder, 1, enabled=True) is None
     assert "layer 1" in cache_refusal(encoder, 2, enabled=True)
+
+
+def _entry_bytes(tmp_path) -> int:
+    probe = ArrayCache(tmp_path / "probe", memory_budget_mb=0, dtype="float32")
+    probe.put("x", np.ones((16, 16)))
+    return probe._path("x").stat().st_size
+
+
+def test_disk_cap_evicts_the_least_recently_used(tmp_path):
+    from whisper_exp.cache import DiskCap
+
+    size = _entry_bytes(tmp_path)
+    root = tmp_path / "cache"
+    cache = ArrayCache(root / "ns", memory_budget_mb=0, dtype="float32",
+                       disk_cap=DiskCap(root, max_bytes=int(3.5 * size)))
+    for age, key in enumerate("abc"):
+        cache.put(key, np.full((16, 16), age))
+        os.utime(cache._path(key), (1000 + age, 1000 + age))  # a oldest, c newest
+    assert cache.get("a") is not None  # reading "a" makes "b" the least recently used
+    cache.put("d", np.zeros((16, 16)))
+    assert [key for key in "abcd" if cache._path(key).exists()] == ["a", "c", "d"]
+
+
+def test_disk_cap_is_respected_across_namespaces(tmp_path, monkeypatch):
+    from whisper_exp import cache as cache_module
+
+    monkeypatch.setattr(cache_module, "_CACHES", {})
+    monkeypatch.setattr(cache_module, "_DISK_CAPS", {})
+    monkeypatch.setattr(cache_module, "_POOL", cache_module.MemoryPool(0))
+    size = _entry_bytes(tmp_path / "probe")
+    cap_gb = 10 * size / 2**30
+    mel = cache_module.shared_cache("mel", tmp_path / "c", 0, "float32", max_disk_gb=cap_gb)
+    encoder = cache_module.shared_cache("enc", tmp_path / "c", 0, "float32", max_disk_gb=cap_gb)
+    for i in range(40):
+        cache = mel if i % 2 else encoder
+        cache.put(str(i), np.ones((16, 16)))
+        if cache._path(str(i)).exists():  # file times are coarser than this loop
+            os.utime(cache._path(str(i)), (1000 + i, 1000 + i))
+        used, entries = cache_module.disk_usage(tmp_path / "c")
+        assert used <= 10 * size and entries <= 10
+    assert cache_module.disk_usage(tmp_path / "c") == (used, entries) and entries >= 9
+    assert encoder.get("38") is not None and encoder.get("0") is None, "newest kept, oldest gone"
+    unlimited = cache_module.shared_cache("enc", tmp_path / "c", 0, "float32", max_disk_gb=0)
+    for i in range(40, 60):
+        unlimited.put(str(i), np.ones((16, 16)))
+    assert cache_module.disk_usage(tmp_path / "c")[1] == entries + 20

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,14 +84,74 @@ class MemoryPool:
         return True
 
 
+def disk_usage(directory: str | Path) -> tuple[int, int]:
+    """Bytes and number of cached arrays (``.npy`` files) under ``directory``."""
+    total = entries = 0
+    for path in Path(directory).expanduser().rglob("*.npy"):
+        try:
+            total += path.stat().st_size
+        except FileNotFoundError:  # evicted by another process meanwhile
+            continue
+        entries += 1
+    return total, entries
+
+
+class DiskCap:
+    """Keeps the arrays under ``root`` within ``max_bytes`` (None: unlimited) by deleting the
+    least recently used ones; a read touches its file's mtime, so mtime is the last use.
+
+    Evicts down to ``LOW_WATER`` of the cap, so a full cache rescans the directory once per
+    tenth of the cap written rather than on every put. An evicted array just misses and is
+    recomputed. The running total is this process's estimate; other processes writing to the
+    same root are caught by the rescan that each eviction does."""
+
+    LOW_WATER = 0.9
+    STALE_TMP_S = 3600  # a .tmp this old is a write killed mid-way, not one in progress
+
+    def __init__(self, root: Path, max_bytes: int | None = None):
+        self.root = root
+        self.max_bytes = max_bytes
+        self._used: int | None = None
+
+    def added(self, nbytes: int) -> None:
+        if not self.max_bytes:
+            return
+        self._used = disk_usage(self.root)[0] if self._used is None else self._used + nbytes
+        if self._used > self.max_bytes:
+            self._used = self.evict(int(self.max_bytes * self.LOW_WATER))
+
+    def evict(self, target_bytes: int) -> int:
+        """Delete least recently used arrays until at most ``target_bytes`` remain."""
+        entries = []
+        now = time.time()
+        for path in self.root.rglob("*"):
+            try:
+                stat = path.stat()
+                if path.suffix == ".tmp" and now - stat.st_mtime > self.STALE_TMP_S:
+                    path.unlink()
+                elif path.suffix == ".npy":
+                    entries.append((stat.st_mtime, stat.st_size, path))
+            except FileNotFoundError:
+                continue
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= target_bytes:
+                break
+            path.unlink(missing_ok=True)  # a process that has it memory-mapped keeps its copy
+            total -= size
+        return total
+
+
 class ArrayCache:
     """Arrays by key: in memory until ``memory_budget_mb`` (or the shared ``pool``'s budget) is
-    used up, then on disk (memory-mapped)."""
+    used up, then on disk (memory-mapped), within ``disk_cap`` if given."""
 
     def __init__(self, directory: str | Path | None, memory_budget_mb: float,
-                 dtype: str = "float16", pool: MemoryPool | None = None):
+                 dtype: str = "float16", pool: MemoryPool | None = None,
+                 disk_cap: DiskCap | None = None):
         self.directory = Path(directory).expanduser() if directory else None
         self.pool = pool or MemoryPool(int(memory_budget_mb * 2**20))
+        self.disk_cap = disk_cap
         self.dtype = np.dtype(dtype)
         self.memory: dict[str, np.ndarray] = {}
         self.hits = 0
@@ -108,6 +169,7 @@ class ArrayCache:
             if path is not None and path.exists():
                 try:
                     array = np.load(path, mmap_mode="r")
+                    os.utime(path)  # the last use, for least-recently-used eviction
                 except (OSError, ValueError):  # torn write from a killed run: recompute
                     array = None
         if array is None:
@@ -116,11 +178,14 @@ class ArrayCache:
             self.hits += 1
         return array
 
-    def put(self, key: str, array: np.ndarray) -> None:
+    def put(self, key: str, array: np.ndarray, persist: bool = False) -> None:
+        """Store in memory if the budget allows, else on disk; ``persist`` writes to disk
+        either way (other processes read it from there)."""
         array = np.ascontiguousarray(array, dtype=self.dtype)
         if self.pool.reserve(array.nbytes):
             self.memory[key] = array
-            return
+            if not persist:
+                return
         path = self._path(key)
         if path is None:
             return  # over budget and no disk: simply not cached
@@ -130,6 +195,8 @@ class ArrayCache:
         with os.fdopen(fd, "wb") as handle:
             np.save(handle, array)
         os.replace(tmp, path)
+        if self.disk_cap is not None:
+            self.disk_cap.added(path.stat().st_size)
 
     @property
     def hit_rate(self) -> float:
@@ -142,20 +209,27 @@ class ArrayCache:
 
 _CACHES: dict[tuple[str, str, str], ArrayCache] = {}
 _POOL = MemoryPool(0)
+_DISK_CAPS: dict[Path, DiskCap] = {}
 
 
 def shared_cache(namespace: str, directory: str | Path | None, memory_budget_mb: float,
-                 dtype: str) -> ArrayCache:
+                 dtype: str, max_disk_gb: float | None = None) -> ArrayCache:
     """One cache per namespace and process, so later Optuna trials reuse the in-memory part.
 
     All of them share one in-memory budget (the latest run's ``memory_budget_mb``): a search
     over ``freeze_encoder_layers`` makes one encoder cache per k, and separate budgets would let
-    the process hold several budgets' worth of arrays."""
+    the process hold several budgets' worth of arrays. Likewise all namespaces under one
+    ``directory`` share its disk cap (the latest run's ``max_disk_gb``; 0 or None: unlimited)."""
     _POOL.budget = int(memory_budget_mb * 2**20)
+    cap = None
+    if directory:
+        top = Path(directory).expanduser()
+        cap = _DISK_CAPS.setdefault(top, DiskCap(top))
+        cap.max_bytes = int(max_disk_gb * 2**30) if max_disk_gb else None
     root = Path(directory).expanduser() / namespace if directory else None
     key = (namespace, dtype, str(root))
     if key not in _CACHES:
-        _CACHES[key] = ArrayCache(root, memory_budget_mb, dtype, pool=_POOL)
+        _CACHES[key] = ArrayCache(root, memory_budget_mb, dtype, pool=_POOL, disk_cap=cap)
     return _CACHES[key]
 
 
