@@ -39,3 +39,41 @@ def test_prepare_data_exit_code_on_problems(tmp_path):
     result = CliRunner().invoke(main, ["prepare-data", str(tmp_path)])
     assert result.exit_code == 1
     assert "ghost.flac: audio file not found" in result.output
+
+
+class _Stop(Exception):
+    """Raised by a stand-in for the library call: the test only needs the resolved config."""
+
+
+# Where each command hands its resolved config to the library.
+LIBRARY_CALL = {"train": "whisper_exp.training.train",
+                "evaluate": "whisper_exp.evaluation.run_evaluation",
+                "tune": "whisper_exp.tuning.tune"}
+
+
+@pytest.mark.parametrize("command", LIBRARY_CALL)
+def test_sets_string_overrides_any_key_after_set(command, monkeypatch):
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen["cfg"] = next(a for a in (*args, *kwargs.values()) if hasattr(a, "training"))
+        raise _Stop
+
+    monkeypatch.setattr(LIBRARY_CALL[command], capture)
+    required = ["--model", "m", "--data", "d"] if command == "evaluate" else []
+    result = CliRunner().invoke(main, [
+        command, *required, "--set", "training.warmup_steps=10", "--sets",
+        "training.warmup_steps=50 'tracking.run_name=two words' data.eval_split=0.3"])
+    assert isinstance(result.exception, _Stop), result.output
+    cfg = seen["cfg"]
+    assert cfg.training.warmup_steps == 50, "--sets applies after --set"
+    assert cfg.tracking.run_name == "two words"
+    assert cfg.data.eval_split == pytest.approx(0.3)
+
+
+def test_sets_string_errors_are_clear():
+    unknown = CliRunner().invoke(main, ["train", "--sets", "training.batch_sise=2"])
+    assert unknown.exit_code == 2
+    assert "error: unknown key(s) ['training.batch_sise']" in unknown.output
+    unbalanced = CliRunner().invoke(main, ["train", "--sets", "tracking.run_name='open"])
+    assert unbalanced.exit_code == 2 and "Invalid value for --sets" in unbalanced.output

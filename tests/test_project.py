@@ -3,6 +3,7 @@
 import tomllib
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -16,30 +17,52 @@ def test_conda_env_matches_pip_requirements():
     assert "pip" in conda["dependencies"]
 
 
-def test_mlproject_entry_points_use_the_cli():
-    project = yaml.safe_load((ROOT / "MLproject").read_text())
-    assert set(project["entry_points"]) >= {"train", "evaluate"}
-    train = project["entry_points"]["train"]
-    required = {"config", "strategy", "model", "data", "eval_data", "learning_rate", "lora_r",
-                "epochs", "max_steps", "freeze_encoder", "gradient_checkpointing"}
-    assert required <= set(train["parameters"])
-    for name in train["parameters"]:
-        assert f"{{{name}}}" in train["command"], name
-    assert train["command"].startswith("python -m whisper_exp.cli train")
-    assert project["conda_env"] == "conda.yaml"
+# MLproject parameters whose click option has another name; every other parameter <name> must
+# be forwarded as --<name with dashes>.
+OPTION_FOR = {"set": "--sets"}
 
 
-def test_mlproject_tune_entry_point_forwards_every_parameter():
+def _forwarded_options(entry_point: str):
+    """Run MLflow's own parameter substitution (with its quoting) on an entry point, every
+    parameter set to a distinct value with a space in it, and parse the resulting command with
+    the click command it calls. Returns the parameter values, the arguments after the command
+    name, the string values click parsed from them (by click param name) and the command."""
+    import shlex
+
+    from mlflow.projects._project_spec import load_project
+
+    from whisper_exp.cli import main
+
+    entry = load_project(str(ROOT)).get_entry_point(entry_point)
+    values = {name: f"value of {name}" for name in entry.parameters}
+    argv = shlex.split(entry.compute_command(values, storage_dir=None))
+    assert argv[:4] == ["python", "-m", "whisper_exp.cli", entry_point], argv
+    command = main.commands[entry_point]
+    context = command.make_context(entry_point, argv[4:])
+    return values, argv[4:], {name: value for name, value in context.params.items()
+                              if isinstance(value, str)}, command
+
+
+@pytest.mark.parametrize("entry_point", ["train", "evaluate", "tune"])
+def test_every_mlproject_parameter_reaches_its_cli_option(entry_point):
+    values, argv, parsed, command = _forwarded_options(entry_point)
+    options = {opt: param.name for param in command.params for opt in param.opts}
+    for name, value in values.items():
+        option = OPTION_FOR.get(name, "--" + name.replace("_", "-"))
+        assert option in options, f"{entry_point}: click command has no {option} for {name}"
+        assert argv[argv.index(value) - 1] == option, f"{name} is passed as {option}"
+        assert parsed[options[option]] == value, f"{name} arrives whole in {option}"
+    assert "set" in values, "every entry point takes a `set` string of KEY=VALUE overrides"
+
+
+def test_mlproject_defaults_point_at_shipped_files():
     project = yaml.safe_load((ROOT / "MLproject").read_text())
-    tune = project["entry_points"]["tune"]
-    required = {"config", "space", "model", "data", "eval_data", "n_trials", "timeout",
-                "study_name", "storage", "direction", "sampler", "pruner", "register_best"}
-    assert required <= set(tune["parameters"])
-    for name in tune["parameters"]:
-        assert f"{{{name}}}" in tune["command"], name
-    assert tune["command"].startswith("python -m whisper_exp.cli tune")
-    assert (ROOT / tune["parameters"]["space"]["default"]).is_file()
-    assert (ROOT / tune["parameters"]["config"]["default"]).is_file()
+    assert project["conda_env"] == "conda.yaml" and (ROOT / "conda.yaml").is_file()
+    points = project["entry_points"]
+    assert (ROOT / points["tune"]["parameters"]["space"]["default"]).is_file()
+    for name in ("train", "tune"):
+        assert (ROOT / points[name]["parameters"]["config"]["default"]).is_file()
+    assert all(points[name]["parameters"]["set"]["default"] == "" for name in points)
 
 
 def test_sample_data_ships_with_attribution():

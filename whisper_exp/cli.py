@@ -6,7 +6,9 @@ The MLproject entry points call these same commands, so ``mlflow run . -e train`
 
 from __future__ import annotations
 
+import functools
 import logging
+import shlex
 import sys
 
 import click
@@ -43,19 +45,34 @@ def main(verbose: bool) -> None:
 
 
 def _common(func):
+    """Config, override and tracking options of train, evaluate and tune. ``--sets`` carries
+    many overrides in one string (MLproject parameters are single strings); its pairs are split
+    like a shell line and applied after the ``--set`` ones."""
+
+    @functools.wraps(func)
+    def with_all_sets(*args, sets=(), set_string="", **kwargs):
+        try:
+            pairs = shlex.split(set_string)
+        except ValueError as exc:
+            raise click.BadParameter(f"{exc}: {set_string!r}", param_hint="--sets") from None
+        return func(*args, sets=(*sets, *pairs), **kwargs)
+
     options = [
         click.option("--config", "config_path", default="", help="Experiment YAML "
                      "(experiments/lora.yaml, ...). Empty: built-in defaults."),
         click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
                      help="Override any config key, e.g. --set training.warmup_steps=50."),
+        click.option("--sets", "set_string", default="", metavar='"KEY=VALUE ..."',
+                     help="Space-separated KEY=VALUE overrides in one string (quote values "
+                     "with spaces), applied after --set."),
         click.option("--tracking-uri", default="", help="MLflow tracking URI (default: "
                      "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db)."),
         click.option("--experiment", default="", help="MLflow experiment name."),
         click.option("--run-name", default="", help="MLflow run name."),
     ]
     for option in reversed(options):
-        func = option(func)
-    return func
+        with_all_sets = option(with_all_sets)
+    return with_all_sets
 
 
 def _model_and_data(func):
