@@ -119,6 +119,9 @@ class TrainingConfig:
     cache_memory_mb: int = 4096
     # Beyond the memory budget, arrays go to disk here (fp16 .npy, memory-mapped).
     cache_dir: str = "~/.cache/whisper_exp"
+    # Cap on cache_dir's arrays; the least recently used are evicted (and recomputed if needed
+    # again). 0 or null: unlimited.
+    cache_max_gb: float | None = 20.0
     cache_dtype: Literal["float16", "float32"] = "float16"
 
 
