@@ -356,7 +356,7 @@ def test_trial_failing_before_its_run_opens_still_gets_a_failed_run(tmp_path, mo
     def out_of_memory(cfg, **kwargs):
         raise RuntimeError("CUDA out of memory (simulated before any run was opened)")
 
-    monkeypatch.setattr(tuning.runs, "train", out_of_memory)
+    monkeypatch.setattr(tuning.search, "train", out_of_memory)
     cfg = load_config(ROOT / "experiments" / "lora.yaml", {"tracking": {
         "experiment_name": EXPERIMENT}})
     result = tune(cfg, LORA_SPACE, n_trials=2, study_name="oom", storage=_storage(tmp_path))
@@ -383,14 +383,14 @@ def test_ctrl_c_keeps_finished_trials_and_ends_cleanly(tiny_english_path, sample
     cfg = _cfg(tiny_english_path, sample_dir, tmp_path)
     cfg.training.max_steps = 1
     calls = []
-    real_train = tuning.runs.train
+    real_train = tuning.search.train
 
     def train_interrupted_on_second_trial(cfg, *, callbacks=(), **kwargs):
         calls.append(cfg)
         extra = [_CtrlC()] if len(calls) == 2 else []
         return real_train(cfg, callbacks=[*callbacks, *extra], **kwargs)
 
-    monkeypatch.setattr(tuning.runs, "train", train_interrupted_on_second_trial)
+    monkeypatch.setattr(tuning.search, "train", train_interrupted_on_second_trial)
     registered = _fake_registry(monkeypatch)
     result = tune(cfg, LORA_SPACE, n_trials=3, study_name="ctrl-c", storage=_storage(tmp_path),
                   pruner="none", register_best="whisper-tuned")
