@@ -263,3 +263,84 @@ def test_inference_modules_do_not_import_evaluation_and_formats_need_no_torch():
     probe = "import sys, whisper_exp.transcript_formats; print('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           check=True).stdout.strip() == "False"
+
+
+# --------------------------------------------------------------------------- language defaults
+
+
+def _with_recorded_language(model_dir, tmp_path, language):
+    """A copy of a model folder whose whisper_exp.json says it was trained for ``language``
+    (as ``modeling.save_trained`` writes it)."""
+    copy = shutil.copytree(model_dir, tmp_path / f"trained-{language}")
+    (copy / "whisper_exp.json").write_text(json.dumps({"language": language,
+                                                        "task": "transcribe"}))
+    return copy
+
+
+def _spy_decoder_prompts(model, monkeypatch):
+    """The decoder prompt (start, language, task, ...) of every row, per ``generate`` call."""
+    prompts = []
+    original = model._retrieve_init_tokens
+
+    def spy(*args, **kwargs):
+        tokens = original(*args, **kwargs)
+        prompts.append(tokens.tolist())
+        return tokens
+
+    monkeypatch.setattr(model, "_retrieve_init_tokens", spy)
+    return prompts
+
+
+def _language_ids(transcriber):
+    return {code.strip("<|>"): token_id
+            for code, token_id in transcriber.model.generation_config.lang_to_id.items()}
+
+
+CLIPS = [np.zeros(SAMPLE_RATE // 2, dtype=np.float32),
+         (0.1 * np.sin(np.arange(SAMPLE_RATE) / 5)).astype(np.float32)]
+
+
+def test_multilingual_model_without_a_recorded_language_detects_it(tiny_multilingual_path,
+                                                                   monkeypatch):
+    """The CLI help says --language defaults to the model's own: a checkpoint that records none
+    must not be forced to English, Whisper detects the language per clip."""
+    transcriber = Transcriber.load(str(tiny_multilingual_path))
+    assert transcriber.model.generation_config.language is None
+    assert transcriber.default_language is None
+    detections = []
+    original_detect = transcriber.model.detect_language
+
+    def detect(*args, **kwargs):
+        detections.append(original_detect(*args, **kwargs))
+        return detections[-1]
+
+    monkeypatch.setattr(transcriber.model, "detect_language", detect)
+    prompts = _spy_decoder_prompts(transcriber.model, monkeypatch)
+    ids = _language_ids(transcriber)
+    transcriber.transcribe_audio(CLIPS, DecodeOptions(max_new_tokens=3))
+    assert len(detections) == 1, "one detection pass for the batch"
+    assert [row[1] for row in prompts[0]] == detections[0].tolist()
+    assert all(row[1] in ids.values() for row in prompts[0])
+    transcriber.transcribe_audio(CLIPS, DecodeOptions(max_new_tokens=3, language="german"))
+    assert len(detections) == 1, "a requested language is forced, not detected"
+    assert [row[1] for row in prompts[1]] == [ids["de"], ids["de"]]
+
+
+def test_a_model_trained_for_german_decodes_german_unless_told_otherwise(
+        tiny_multilingual_path, tmp_path, monkeypatch):
+    from whisper_exp.modeling import load_for_inference
+
+    german = _with_recorded_language(tiny_multilingual_path, tmp_path, "german")
+    transcriber = Transcriber.load(str(german))
+    assert transcriber.default_language == "german"
+    prompts = _spy_decoder_prompts(transcriber.model, monkeypatch)
+    ids = _language_ids(transcriber)
+    recording = np.zeros(int(31 * SAMPLE_RATE), dtype=np.float32)  # long-form path too
+    quick = DecodeOptions(max_new_tokens=3, temperature_fallback=False)
+    transcriber.transcribe_audio([CLIPS[1], recording], quick)
+    transcriber.transcribe_audio([CLIPS[1]], DecodeOptions(max_new_tokens=3, language="en"))
+    assert [[row[1] for row in call] for call in prompts] == [[ids["de"]], [ids["de"]],
+                                                             [ids["en"]]]
+    # An explicit language at load time overrides the recorded one too (evaluate's option).
+    model, _ = load_for_inference(str(german), language="english")
+    assert model.generation_config.language == "english"

@@ -68,8 +68,9 @@ def compare_models(paths: Iterable[str | Path], model_ref: str, base_ref: str, *
         transcriber = Transcriber.load(reference, device)
         outputs[role] = transcriber.transcribe_files(files, options, progress=progress)
         if normalize is None:
-            language = options.language if transcriber.multilingual else "english"
-            normalize = make_normalizer(transcriber.processor.tokenizer, language or "english")
+            language = options.language or transcriber.default_language
+            normalize = make_normalizer(transcriber.processor.tokenizer,
+                                        language if transcriber.multilingual else "english")
         del transcriber
     references = find_references(files)
     rows, scored = [], []

@@ -275,9 +275,14 @@ def resolve_model_reference(reference: str) -> str:
 
 
 def load_for_inference(reference: str, device: torch.device | None = None,
-                       language: str | None = "english", task: str = "transcribe"
+                       language: str | None = None, task: str | None = None
                        ) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
-    """Any model reference -> a plain (adapter-merged) Whisper model in eval mode."""
+    """Any model reference -> a plain (adapter-merged) Whisper model in eval mode.
+
+    ``language``/``task`` None keep the model's own: what it was trained for (its
+    ``whisper_exp.json``, else its generation config); a multilingual model that records no
+    language gets none forced, so ``generate`` detects it per clip. A value overrides both.
+    """
     device = device or default_device()
     path = resolve_model_reference(reference)
     local = Path(path)
@@ -301,7 +306,11 @@ def load_for_inference(reference: str, device: torch.device | None = None,
     processor = WhisperProcessor.from_pretrained(path)
     if (local / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    model_cfg = ModelConfig(name=path, language=meta.get("language") or language, task=task)
+    gen = model.generation_config
+    model_cfg = ModelConfig(
+        name=path,
+        language=language or meta.get("language") or getattr(gen, "language", None),
+        task=task or meta.get("task") or getattr(gen, "task", None) or "transcribe")
     configure_prompt(model, processor, model_cfg)
     model.to(device).eval()
     return model, processor

@@ -69,7 +69,8 @@ class Transcriber:
     @classmethod
     def load(cls, reference: str, device: torch.device | None = None) -> Transcriber:
         """Hub name, local path, ``runs:/<id>`` or ``models:/<name>@<alias>`` (adapters are
-        merged into their base). The language is a decoding option, checked per request."""
+        merged into their base). A request without a language decodes the one the model was
+        trained for, or lets a multilingual model detect it (``default_language``)."""
         try:
             model, processor = load_for_inference(reference, device)
         except (OSError, MlflowException) as exc:
@@ -82,6 +83,13 @@ class Transcriber:
     @property
     def multilingual(self) -> bool:
         return is_multilingual(self.model)
+
+    @property
+    def default_language(self) -> str | None:
+        """The language decoded when a request names none; None: detected per clip (or an
+        English-only model)."""
+        return getattr(self.model.generation_config, "language", None) if self.multilingual \
+            else None
 
     @property
     def known_language_codes(self) -> set[str]:
