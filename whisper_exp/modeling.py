@@ -57,18 +57,15 @@ class ParamCounts:
 
 
 def count_parameters(model: torch.nn.Module) -> ParamCounts:
-    """Counts that treat 4-bit packed weights as the parameters they stand for (as peft does)."""
-    if hasattr(model, "get_nb_trainable_parameters"):
+    """peft's counts for adapter models, transformers' otherwise: both count a 4-bit packed
+    weight as the parameters it stands for (two per stored byte)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
         trainable, total = model.get_nb_trainable_parameters()
-        return ParamCounts(int(trainable), int(total))
-    trainable = total = 0
-    for param in model.parameters():
-        n = param.numel()
-        if param.__class__.__name__ == "Params4bit":
-            n *= 2
-        total += n
-        trainable += n if param.requires_grad else 0
-    return ParamCounts(trainable, total)
+    else:
+        trainable, total = model.num_parameters(only_trainable=True), model.num_parameters()
+    return ParamCounts(int(trainable), int(total))
 
 
 def configure_prompt(model: WhisperForConditionalGeneration, processor: WhisperProcessor,
