@@ -68,3 +68,76 @@ def test_resume_refuses_finished_or_unknown_runs(tmp_path):
     done = subprocess.run(_train_cmd("--resume", "0" * 32), cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "cannot resume run" in done.stderr
+
+
+class _CrashAt:
+    """A Trainer callback that raises at a given step, like a crash mid-run."""
+
+    def __new__(cls, step):
+        from transformers import TrainerCallback
+
+        class Crash(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == step:
+                    raise RuntimeError("simulated crash")
+
+        return Crash()
+
+
+def _crashing_run(model, data, tmp_path, monkeypatch, crash_at, checkpoint_steps):
+    """A run started the way `mlflow run --experiment-name elsewhere` starts one (experiment
+    from the environment, not the config), with a relative output_dir, crashing at a step."""
+    import pytest
+
+    from whisper_exp.config import load_config
+    from whisper_exp.training import train
+
+    experiment_id = mlflow.create_experiment("elsewhere")
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", experiment_id)
+    started_in = tmp_path / "started_here"
+    started_in.mkdir()
+    monkeypatch.chdir(started_in)
+    cfg = load_config(None, {
+        "model": {"name": str(model)}, "data": {"train": str(data), "max_eval_samples": 2},
+        "finetuning": {"freeze_encoder": True},
+        "training": {"max_steps": 6, "batch_size": 2, "logging_steps": 1, "eval_steps": 1000,
+                     "checkpoint_steps": checkpoint_steps, "output_dir": "outputs",
+                     "cache_dir": str(tmp_path / "cache")},
+        "evaluation": {"max_new_tokens": 4}})
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, callbacks=[_CrashAt(crash_at)])
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID")
+    elsewhere = tmp_path / "resumed_from_here"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    (run,) = mlflow.search_runs(experiment_ids=[experiment_id], output_format="list")
+    return run, experiment_id
+
+
+def test_resume_finds_the_run_and_its_checkpoints_from_anywhere(tiny_english_path, sample_dir,
+                                                                 tmp_path, monkeypatch):
+    from whisper_exp.training import resume
+
+    run, experiment_id = _crashing_run(tiny_english_path, sample_dir, tmp_path, monkeypatch,
+                                       crash_at=3, checkpoint_steps=2)
+    assert run.info.status == "FAILED"
+    result = resume(run.info.run_id)
+    done = mlflow.get_run(run.info.run_id)
+    assert done.info.status == "FINISHED" and done.info.experiment_id == experiment_id
+    assert done.data.tags["resumed_from"] == "checkpoint-2", "not restarted at step 0"
+    assert done.data.metrics["global_steps"] == 6
+    assert result.model_dir.is_relative_to(tmp_path / "started_here" / "outputs")
+
+
+def test_resume_refuses_a_run_without_a_checkpoint(tiny_english_path, sample_dir, tmp_path,
+                                                   monkeypatch):
+    import pytest
+
+    from whisper_exp.config import ConfigError
+    from whisper_exp.training import resume
+
+    run, _ = _crashing_run(tiny_english_path, sample_dir, tmp_path, monkeypatch, crash_at=1,
+                           checkpoint_steps=-1)
+    with pytest.raises(ConfigError, match="no checkpoint in .*nothing was restarted"):
+        resume(run.info.run_id)
+    assert mlflow.get_run(run.info.run_id).info.status == "FAILED", "left as it was"

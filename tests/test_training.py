@@ -42,9 +42,12 @@ def test_collator_strips_start_token_and_masks_padding(tiny_en_path, sample_dir)
     start = processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
     ids = [processor.tokenizer(t).input_ids for t in ("Hi.", "A longer one.")]
     batch = SpeechCollator(MelFeatures(processor), start)([
-        {"audio": str(sample_dir / "001350134.flac"), "labels": ids[0], "key": "a"},
-        {"audio": str(sample_dir / "001350243.flac"), "labels": ids[1], "key": "b"},
+        {"audio": str(sample_dir / "001350134.flac"), "labels": ids[0], "key": "a",
+         "seconds": 2.5},
+        {"audio": str(sample_dir / "001350243.flac"), "labels": ids[1], "key": "b",
+         "seconds": 4.0},
     ])
+    assert batch["audio_seconds"].tolist() == [2.5, 4.0], "the eval budget's clip lengths"
     assert batch["input_features"].shape == (2, 80, 3000)
     assert batch["labels"][0, 0].item() != start
     assert batch["labels"][1].tolist() == ids[1][1:]
@@ -149,3 +152,25 @@ def test_checkpoint_schedule(tiny_english_path, sample_dir, tmp_path, steps, str
     cfg.training.checkpoint_steps = steps
     args = training_arguments(cfg, tmp_path, torch.device("cpu"))
     assert args.save_strategy == strategy
+
+
+def test_qlora_run_scores_the_model_it_registers(tiny_english_path, sample_dir, tmp_path,
+                                                monkeypatch):
+    """QLoRA trains a 4-bit base, but register/export ship the adapter merged into the fp32
+    base: the run's wer must be that model's, not the 4-bit one's."""
+    import whisper_exp.training as training
+
+    scored = []
+    original = training.evaluate_examples
+
+    def spy(model, *args, **kwargs):
+        scored.append(sorted({type(m).__name__ for m in model.modules()
+                              if "Linear" in type(m).__name__}))
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "evaluate_examples", spy)
+    cfg = _cfg(tiny_english_path, sample_dir, tmp_path, strategy="qlora")
+    cfg.training.max_steps = 1
+    result = train(cfg)
+    assert scored == [["Linear"]], "scored the fp32 merged model: no 4-bit or LoRA layers"
+    assert "fp32 base" in mlflow.get_run(result.run_id).data.tags["wer_model"]

@@ -16,7 +16,6 @@ import mlflow
 import numpy as np
 import torch
 from transformers import (
-    Seq2SeqTrainer,
     Seq2SeqTrainingArguments,
     TrainerCallback,
     WhisperProcessor,
@@ -24,6 +23,7 @@ from transformers import (
 )
 
 from whisper_exp import tracking
+from whisper_exp.audio import probe
 from whisper_exp.cache import audio_fingerprint, shared_cache
 from whisper_exp.cache_training import (
     CachedEncoderCollator,
@@ -34,7 +34,6 @@ from whisper_exp.cache_training import (
 )
 from whisper_exp.config import ConfigError, ExperimentConfig, load_config
 from whisper_exp.data import DatasetSplit, Example, load_splits
-from whisper_exp.decoding import SHORT_FORM_MAX_S, default_max_new_tokens
 from whisper_exp.evaluation import EvalResult, evaluate_examples
 from whisper_exp.metrics import make_normalizer, score
 from whisper_exp.modeling import (
@@ -43,26 +42,30 @@ from whisper_exp.modeling import (
     default_device,
     is_multilingual,
     load_base,
+    load_for_inference,
     save_trained,
 )
+from whisper_exp.trainer import AUDIO_SECONDS, WhisperTrainer, audio_seconds_tensor
 
 log = logging.getLogger(__name__)
 
 
 class SpeechDataset(torch.utils.data.Dataset):
-    """Examples with tokenised labels and audio content keys; audio is decoded lazily."""
+    """Examples with tokenised labels, audio content keys and lengths (for the token budget of
+    evaluation batches); audio is decoded lazily."""
 
     def __init__(self, examples: list[Example], processor: WhisperProcessor):
         self.examples = examples
         self.labels = [processor.tokenizer(e.text).input_ids for e in examples]
         self.keys = [audio_fingerprint(e.audio) for e in examples]
+        self.seconds = [probe(e.audio).duration_s for e in examples]
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return {"audio": self.examples[index].audio, "labels": self.labels[index],
-                "key": self.keys[index]}
+                "key": self.keys[index], "seconds": self.seconds[index]}
 
 
 @dataclass
@@ -75,7 +78,8 @@ class SpeechCollator:
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {"input_features": self.features(items),
                 "labels": pad_labels([item["labels"] for item in items],
-                                     self.decoder_start_token_id)}
+                                     self.decoder_start_token_id),
+                AUDIO_SECONDS: audio_seconds_tensor(items)}
 
 
 class MlflowMetricsCallback(TrainerCallback):
@@ -136,9 +140,8 @@ def training_arguments(cfg: ExperimentConfig, output_dir: Path, device: torch.de
         save_steps=t.checkpoint_steps if t.checkpoint_steps > 0 else 500,
         save_total_limit=t.checkpoints_kept,
         predict_with_generate=True,
-        # The learning curve's evaluation batches are not length-sorted: one 30 s budget.
-        generation_max_length=(cfg.evaluation.max_new_tokens
-                               or default_max_new_tokens(SHORT_FORM_MAX_S)),
+        # Token budgets come from WhisperTrainer (per batch, as every other decode).
+        generation_max_length=None,
         generation_num_beams=cfg.evaluation.num_beams,
         report_to=[],
         remove_unused_columns=False,
@@ -174,6 +177,11 @@ class TrainResult:
     metrics: dict[str, float]
 
 
+# Tag with the absolute folder of a run's checkpoints and model, so --resume finds them from any
+# working directory (training.output_dir may be relative).
+OUTPUT_DIR_TAG = "whisper_exp.output_dir"
+
+
 def _last_checkpoint(trainer_dir: Path) -> Path | None:
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -181,17 +189,31 @@ def _last_checkpoint(trainer_dir: Path) -> Path | None:
     return Path(found) if found else None
 
 
+@dataclass
+class ResumePoint:
+    run_id: str
+    checkpoint: Path  # <output_dir>/<run_id>/trainer/checkpoint-N
+
+    @property
+    def output_dir(self) -> Path:
+        return self.checkpoint.parent.parent
+
+
 def resume(run_id: str, tracking_uri: str | None = None) -> TrainResult:
-    """Continue a crashed or killed training run in the same MLflow run: same config (read
-    from the run's ``config.yaml``), last Trainer checkpoint, steps and metrics continuing."""
+    """Continue a crashed or killed training run in the same MLflow run, in whatever experiment
+    it lives: same config (the run's ``config.yaml``), its last Trainer checkpoint (found through
+    the absolute folder recorded on the run), steps and metrics continuing. Refuses, rather than
+    silently starting over, when no checkpoint is there."""
+    from mlflow.tracking import MlflowClient
+
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     launched = os.environ.get("MLFLOW_RUN_ID")
     if launched and launched != run_id:
         raise ConfigError(f"resume={run_id} but MLflow started run {launched}; with `mlflow run` "
-                         f"pass --run-id {run_id} so the same run continues")
+                          f"pass --run-id {run_id} so the same run continues")
     try:
-        run = mlflow.get_run(run_id)
+        run = MlflowClient().get_run(run_id)
         text = mlflow.artifacts.load_text(f"runs:/{run_id}/config.yaml")
     except Exception as exc:
         raise ConfigError(f"cannot resume run {run_id}: {exc}") from None
@@ -201,7 +223,18 @@ def resume(run_id: str, tracking_uri: str | None = None) -> TrainResult:
         handle.write(text)
     cfg = load_config(handle.name)
     os.unlink(handle.name)
-    return train(cfg, resume_run_id=run_id)
+    recorded = run.data.tags.get(OUTPUT_DIR_TAG)
+    output_dir = Path(recorded) if recorded else Path(cfg.training.output_dir) / run_id
+    checkpoint = _last_checkpoint(output_dir / "trainer")
+    if checkpoint is None:
+        raise ConfigError(
+            f"cannot resume run {run_id}: no checkpoint in {output_dir.resolve() / 'trainer'} "
+            "(the run stopped before its first checkpoint, training.checkpoint_steps=-1 turned "
+            "them off, or the folder was moved or deleted); nothing was restarted. Start a new "
+            "run instead.")
+    # The run's own experiment, whatever the config or `mlflow run --experiment-name` said.
+    mlflow.set_experiment(experiment_id=run.info.experiment_id)
+    return train(cfg, resume=ResumePoint(run_id, checkpoint))
 
 
 def _log_data(split: DatasetSplit, mlf: tracking.Tracker) -> None:
@@ -217,22 +250,38 @@ def _log_data(split: DatasetSplit, mlf: tracking.Tracker) -> None:
         log.info(notice)
 
 
+def _final_evaluation(cfg: ExperimentConfig, model: torch.nn.Module, processor: WhisperProcessor,
+                      model_dir: Path, split: DatasetSplit, language: str | None,
+                      device: torch.device) -> tuple[EvalResult, str]:
+    """Score the model that ``register`` and ``export`` ship: for QLoRA that is the adapter
+    merged into the fp32 base (re-loaded from ``model_dir``), not the 4-bit model trained."""
+    if cfg.finetuning.strategy == "qlora":
+        merged, merged_processor = load_for_inference(str(model_dir), device)
+        result = evaluate_examples(merged, merged_processor, split.eval, cfg.evaluation,
+                                   language=language)
+        return result, "adapter merged into the fp32 base (as registered and exported)"
+    model.eval()
+    result = evaluate_examples(model, processor, split.eval, cfg.evaluation, language=language)
+    return result, "the trained model (as registered and exported)"
+
+
 def train(
     cfg: ExperimentConfig,
     *,
     callbacks: Sequence[TrainerCallback] = (),
     nested: bool = False,
     tags: Mapping[str, str] | None = None,
-    resume_run_id: str | None = None,
+    resume: ResumePoint | None = None,
 ) -> TrainResult:
     """Load data and model, fine-tune, evaluate, and log the whole run to MLflow.
 
     ``callbacks`` are extra Trainer callbacks (e.g. Optuna pruning); ``nested`` makes the run a
-    child of the active run (one per trial under a study's parent run). ``resume_run_id``
-    continues that run from its last Trainer checkpoint (use :func:`resume` to get its config).
+    child of the active run (one per trial under a study's parent run). ``resume`` continues a
+    run from its checkpoint (use :func:`resume`, which finds both and the run's config).
     """
     device = default_device()
-    if not nested:
+    resume_run_id = resume.run_id if resume else None
+    if not nested and resume is None:
         tracking.configure(cfg.tracking.tracking_uri, cfg.tracking.experiment_name)
     run_name = cfg.tracking.run_name or f"{cfg.finetuning.strategy}-{Path(cfg.model.name).name}"
     run_tags = {"whisper_exp.entry_point": "train", **(tags or {})}
@@ -268,7 +317,10 @@ def train(
         log.info("trainable params: %d of %d (%.2f%%)", params.trainable, params.total,
                  params.percent)
 
-        output_dir = Path(cfg.training.output_dir) / run_id
+        output_dir = (resume.output_dir if resume
+                      else Path(cfg.training.output_dir).expanduser().resolve() / run_id)
+        if resume is None:
+            mlf.set_tag(OUTPUT_DIR_TAG, str(output_dir))
         language = cfg.model.language if is_multilingual(model) else "english"
         train_set = SpeechDataset(split.train, processor)
         eval_set = SpeechDataset(split.eval, processor)
@@ -288,18 +340,19 @@ def train(
             eval_dataset=eval_set,
             compute_metrics=_wer_metric(processor, language),
             callbacks=[MlflowMetricsCallback(), *callbacks],
+            max_new_tokens=cfg.evaluation.max_new_tokens,
         )
         if encoder_cache is not None:
             trainer = CachedEncoderTrainer(
                 **trainer_kwargs, encoder_split=encoder_cache.split,
                 data_collator=CachedEncoderCollator(encoder_cache.store, start_id))
         else:
-            trainer = Seq2SeqTrainer(**trainer_kwargs,
+            trainer = WhisperTrainer(**trainer_kwargs,
                                      data_collator=SpeechCollator(features, start_id))
-        checkpoint = _last_checkpoint(output_dir / "trainer") if resume_run_id else None
-        if resume_run_id:
-            mlf.set_tag("resumed_from", checkpoint.name if checkpoint else "start")
-            log.info("resuming run %s from %s", run_id, checkpoint or "the start (no checkpoint)")
+        checkpoint = resume.checkpoint if resume else None
+        if checkpoint is not None:
+            mlf.set_tag("resumed_from", checkpoint.name)
+            log.info("resuming run %s from %s", run_id, checkpoint)
         started = time.perf_counter()
         outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         wall = time.perf_counter() - started
@@ -309,9 +362,13 @@ def train(
         model_dir = save_trained(trainer.model, processor, output_dir / "model", cfg)
         mlf.log_directory(model_dir, "model")
 
-        model.eval()
-        final = evaluate_examples(trainer.model, processor, split.eval, cfg.evaluation,
-                                  language=language)
+        final, evaluated = _final_evaluation(cfg, trainer.model, processor, model_dir, split,
+                                             language, device)
+        mlf.set_tag("wer_model", evaluated)
+        # The curve's last point: the Trainer's evaluation at the last step computed the loss
+        # only, this decode (the one the objective and pruning read) completes it.
+        mlf.log_metrics({"eval_wer": final.scores.wer, "eval_cer": final.scores.cer},
+                        step=outcome.global_step)
         mlf.log_csv(final.rows, "eval/predictions.csv")
         peak, kind = tracking.peak_memory_mb(device)
         metrics = {
