@@ -344,3 +344,49 @@ def test_hugging_face_bytes_rows_feed_training(tmp_path, tiny_english_path):
     assert sum(len(b["input_features"]) for b in batches) == len(split.train)
     assert batches[0]["input_features"].shape[1:] == (80, 3000)
     assert len(set(dataset.keys)) == len(split.train)
+
+
+def _outside_layout(tmp_path):
+    """data/ with one good clip, and a clip outside it that rows try to reach."""
+    data, outside = tmp_path / "data", tmp_path / "elsewhere"
+    data.mkdir()
+    outside.mkdir()
+    write_tone(data / "ok.wav")
+    write_tone(outside / "secret.wav")
+    return data, outside
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "symlink", "symlinked_folder"])
+def test_rows_may_not_leave_the_data_folder(tmp_path, kind):
+    data, outside = _outside_layout(tmp_path)
+    if kind == "absolute":
+        name, expected = str(outside / "secret.wav"), "is an absolute path"
+    elif kind == "dotdot":
+        name, expected = "sub/../../elsewhere/secret.wav", "climbs out of the data folder"
+    elif kind == "symlink":
+        (data / "link.wav").symlink_to(outside / "secret.wav")
+        name, expected = "link.wav", "is a symlink leading outside the data folder"
+    else:
+        (data / "linked").symlink_to(outside, target_is_directory=True)
+        name, expected = "linked/secret.wav", "is a symlink leading outside the data folder"
+    write_metadata(data, [("ok.wav", "Fine."), (name, "Secret."), ("ok.wav", "Again.")])
+    loaded = read_source(data, DataConfig())
+    assert [e.name for e in loaded.examples] == ["ok.wav", "ok.wav"]
+    [problem] = loaded.problems
+    assert problem.file == name and "metadata.csv line 3" in problem.where
+    assert expected in problem.message and "allow_outside_paths" in problem.message
+    with pytest.raises(DataError, match=f"line 3: .*{expected}"):
+        load_splits(DataConfig(train=str(data), eval=str(data)), seed=0)
+    allowed = read_source(data, DataConfig(allow_outside_paths=True))
+    assert len(allowed.examples) == 3 and not allowed.problems
+
+
+def test_paths_that_stay_inside_are_fine(tmp_path):
+    data, _ = _outside_layout(tmp_path)
+    (data / "sub").mkdir()
+    write_tone(data / "sub" / "a.wav")
+    (data / "alias.wav").symlink_to(data / "sub" / "a.wav")
+    write_metadata(data, [("sub/../ok.wav", "One."), ("./sub/a.wav", "Two."),
+                          ("alias.wav", "Three.")])
+    loaded = read_source(data, DataConfig())
+    assert len(loaded.examples) == 3 and not loaded.problems

@@ -60,6 +60,9 @@ class DataConfig:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     max_duration_s: float = 30.0
+    # metadata.csv rows must name audio inside the data folder (no absolute paths, no "..", no
+    # symlinks leading out); true lets them point anywhere.
+    allow_outside_paths: bool = False
 
 
 @dataclass

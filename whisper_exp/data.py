@@ -12,6 +12,7 @@ import csv
 import functools
 import io
 import logging
+import os
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -80,7 +81,25 @@ class DatasetSplit:
 # --------------------------------------------------------------------------- reading sources
 
 
-def _read_metadata_csv(folder: Path) -> LoadedData:
+_OUTSIDE_HINT = ("data must stay inside its folder {folder}: copy or move the audio in and "
+                 "name it relative to the folder, or set data.allow_outside_paths=true")
+
+
+def _outside_folder(folder: Path, name: str) -> str | None:
+    """Why ``name`` leads outside ``folder`` (absolute, ``..``, a symlink), or None."""
+    if Path(name).is_absolute():
+        reason = "is an absolute path"
+    elif not Path(os.path.abspath(folder / name)).is_relative_to(os.path.abspath(folder)):
+        reason = "climbs out of the data folder with '..'"
+    else:
+        target = (folder / name).resolve()
+        if target.is_relative_to(folder.resolve()):
+            return None
+        reason = f"is a symlink leading outside the data folder (to {target})"
+    return f"file_name {reason}; " + _OUTSIDE_HINT.format(folder=folder)
+
+
+def _read_metadata_csv(folder: Path, allow_outside: bool = False) -> LoadedData:
     path = folder / METADATA_FILE
     raw = path.read_bytes()
     try:
@@ -107,6 +126,10 @@ def _read_metadata_csv(folder: Path) -> LoadedData:
         name = (row.get("file_name") or "").strip()
         if not name:
             problems.append(Problem(where, "<empty>", "file_name is empty"))
+            continue
+        outside = None if allow_outside else _outside_folder(folder, name)
+        if outside:
+            problems.append(Problem(where, name, outside))
             continue
         examples.append(Example(
             audio=str(folder / name),
@@ -149,7 +172,7 @@ def write_metadata_from_txt(folder: str | Path) -> Path:
     return target
 
 
-def _read_folder(folder: Path) -> LoadedData:
+def _read_folder(folder: Path, allow_outside: bool = False) -> LoadedData:
     notices = []
     if not (folder / METADATA_FILE).exists():
         if not any(folder.rglob("*.txt")):
@@ -162,7 +185,7 @@ def _read_folder(folder: Path) -> LoadedData:
             notices.append(f"generated {written} from .txt transcripts")
         except OSError:  # read-only folder: read the pairs in memory instead
             return _read_txt_pairs(folder)
-    loaded = _read_metadata_csv(folder)
+    loaded = _read_metadata_csv(folder, allow_outside)
     loaded.notices.extend(notices)
     return loaded
 
@@ -282,9 +305,9 @@ def read_source(source: str | Path, cfg: DataConfig, hf_split: str | None = None
     path = Path(source)
     if path.is_dir() and not (path / "dataset_info.json").exists() \
             and not (path / "dataset_dict.json").exists():
-        return _read_folder(path)
+        return _read_folder(path, cfg.allow_outside_paths)
     if path.is_file() and path.name == METADATA_FILE:
-        return _read_folder(path.parent)
+        return _read_folder(path.parent, cfg.allow_outside_paths)
     return _read_hf_dataset(str(source), hf_split or cfg.train_split_name, cfg)
 
 
