@@ -1,20 +1,79 @@
+"""`evaluate --compare`: two different models scored on identical data, per run and per
+utterance."""
+
+import csv
+import io
+
+import jiwer
 import mlflow
+import pytest
+import torch
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from whisper_exp.config import load_config
 from whisper_exp.evaluation import run_evaluation
+from whisper_exp.metrics import english_normalizer
+
+CFG = {"data": {"max_eval_samples": 4}, "evaluation": {"batch_size": 4, "max_new_tokens": 6}}
+THE = "the the the the the the"  # says_the_path's transcript of anything, at 6 new tokens
 
 
-def test_compare_base_and_tuned_on_the_same_data(tiny_en_path, sample_dir):
-    cfg = load_config(None, {"data": {"max_eval_samples": 4},
-                             "evaluation": {"batch_size": 4}})
-    report = run_evaluation(str(tiny_en_path), str(sample_dir), cfg,
-                            compare_with=str(tiny_en_path))
+def _table(run_id: str, name: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run_id}/{name}"))))
+
+
+@pytest.fixture(scope="module")
+def says_the_path(tiny_english_path, tmp_path_factory):
+    """tiny_english_path with perturbed weights that make it say " the" at every step (the
+    decoder's last layer norm outputs a constant, aligned with a long " the" embedding), so its
+    WER on any data is known in advance."""
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_english_path)
+    processor = WhisperProcessor.from_pretrained(tiny_english_path)
+    the = processor.tokenizer.convert_tokens_to_ids("\u0120the")
+    with torch.no_grad():
+        embed = model.get_output_embeddings().weight
+        embed[the] = 100 * embed[the] / embed[the].norm()
+        model.model.decoder.layer_norm.weight.zero_()
+        model.model.decoder.layer_norm.bias.copy_(embed[the])
+    out = tmp_path_factory.mktemp("models") / "says-the"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
+
+def test_compare_scores_base_and_tuned_on_the_same_data(tiny_english_path, says_the_path,
+                                                        sample_dir):
+    cfg = load_config(None, CFG)
+    report = run_evaluation(str(says_the_path), str(sample_dir), cfg,
+                            compare_with=str(tiny_english_path))
     run = mlflow.get_run(report.run_id)
     metrics = run.data.metrics
-    assert metrics["wer"] == metrics["base_wer"] and metrics["wer_delta"] == 0.0
-    assert 0.0 <= metrics["wer"] < 0.8, "stock tiny.en understands these clips"
-    table = mlflow.artifacts.load_text(f"runs:/{report.run_id}/comparison.csv")
-    header, *rows = table.splitlines()
-    assert header.startswith("file,reference,base_hypothesis,tuned_hypothesis")
-    assert len(rows) == 4
     assert run.data.params["data.n_utterances"] == "4"
+    tuned_rows = _table(report.run_id, "predictions.csv")
+    base_rows = _table(report.run_id, "base_predictions.csv")
+    assert [r["hypothesis"] for r in tuned_rows] == [THE] * 4, "the tuned side is says_the"
+    assert all(r["hypothesis"] != THE for r in base_rows), "the base side is the other model"
+
+    normalize = english_normalizer()
+    references = [normalize(r["reference"]) for r in tuned_rows]
+    expected_wer = jiwer.wer(references, [THE] * 4)
+    assert expected_wer > 1.0, "six words against shorter references: insertions"
+    assert metrics["wer"] == pytest.approx(expected_wer)
+    base_expected = jiwer.wer(references, [normalize(r["hypothesis"]) for r in base_rows])
+    assert metrics["base_wer"] == pytest.approx(base_expected)
+    assert metrics["wer_delta"] == pytest.approx(expected_wer - base_expected)
+    assert metrics["wer_delta"] != 0
+
+    comparison = _table(report.run_id, "comparison.csv")
+    assert list(comparison[0]) == ["file", "reference", "base_hypothesis", "tuned_hypothesis",
+                                   "base_wer", "tuned_wer", "delta_wer"]
+    assert len(comparison) == 4
+    for row, base, tuned in zip(comparison, base_rows, tuned_rows, strict=True):
+        assert row["file"] == base["file"] == tuned["file"]
+        assert row["reference"] == base["reference"]
+        assert row["base_hypothesis"] == base["hypothesis"]
+        assert row["tuned_hypothesis"] == tuned["hypothesis"]
+        assert float(row["base_wer"]) == pytest.approx(float(base["wer"]))
+        assert float(row["tuned_wer"]) == pytest.approx(float(tuned["wer"]))
+        assert float(tuned["wer"]) == pytest.approx(jiwer.wer(normalize(row["reference"]), THE))
+        assert float(row["delta_wer"]) == pytest.approx(float(tuned["wer"]) - float(base["wer"]))
