@@ -201,10 +201,20 @@ class _RecordingWhisperModel:
         return iter([SimpleNamespace(text=" Hello"), SimpleNamespace(text=" there.")]), None
 
 
+def _with_recorded_language(model_dir: Path, tmp_path: Path, language: str) -> Path:
+    """A copy of a model folder whose whisper_exp.json says it was trained for ``language``."""
+    import shutil
+
+    copy = Path(shutil.copytree(model_dir, tmp_path / f"trained-{language}"))
+    (copy / "whisper_exp.json").write_text(json.dumps({"language": language}))
+    return copy
+
+
 def test_multilingual_export_keeps_its_language_for_faster_whisper(tiny_multilingual_path,
                                                                    tmp_path, monkeypatch):
-    out = export_model(str(tiny_multilingual_path), tmp_path / "ct2", fmt="ctranslate2")
-    assert json.loads((out / "whisper_exp.json").read_text())["language"] == "english"
+    german = _with_recorded_language(tiny_multilingual_path, tmp_path, "german")
+    out = export_model(str(german), tmp_path / "ct2", fmt="ctranslate2")
+    assert json.loads((out / "whisper_exp.json").read_text())["language"] == "german"
     assert json.loads((out / "config.json").read_text())["lang_ids"], "language ids converted"
 
     fake = _RecordingWhisperModel()
@@ -213,14 +223,37 @@ def test_multilingual_export_keeps_its_language_for_faster_whisper(tiny_multilin
     tone = np.zeros(16_000, dtype=np.float32)
     assert transcribe_with_faster_whisper(out, [tone]) == ["Hello there."]
     assert transcribe_with_faster_whisper(fake, [tone], language="German", beam_size=4)
-    default, explicit = fake.calls
-    # The export's "english" reaches faster-whisper as the code it expects.
-    assert default["language"] == "en" and explicit["language"] == "de"
+    assert transcribe_with_faster_whisper(out, [tone], language="en")
+    default, explicit, english = fake.calls
+    assert english["language"] == "en", "a request overrides the export's language"
+    # The export's "german" reaches faster-whisper as the code it expects.
+    assert default["language"] == "de" and explicit["language"] == "de"
     assert explicit["beam_size"] == 4
     assert default["temperature"] == 0.0 and default["without_timestamps"] is True
     assert default["condition_on_previous_text"] is False and default["vad_filter"] is False
     with pytest.raises(TranscribeError, match="unknown language 'klingon'"):
         transcribe_with_faster_whisper(fake, [tone], language="klingon")
+
+
+def test_export_of_a_model_without_a_language_leaves_detection_on(tiny_multilingual_path,
+                                                                   tmp_path, monkeypatch):
+    """A multilingual checkpoint that records no language must not come out of export with
+    "english" baked in: neither the merged model nor faster-whisper forces one."""
+    from transformers import GenerationConfig
+
+    from whisper_exp.export import convert_to_ctranslate2
+
+    hf = export_model(str(tiny_multilingual_path), tmp_path / "hf", fmt="hf")
+    assert json.loads((hf / "whisper_exp.json").read_text())["language"] is None
+    assert GenerationConfig.from_pretrained(hf).language is None
+    ct2 = convert_to_ctranslate2(hf, tmp_path / "ct2", None)
+    assert json.loads((ct2 / "whisper_exp.json").read_text())["language"] is None
+
+    fake = _RecordingWhisperModel()
+    monkeypatch.setattr("whisper_exp.ctranslate2_backend.load_faster_whisper",
+                        lambda *a, **k: fake)
+    assert transcribe_with_faster_whisper(ct2, [np.zeros(16_000, dtype=np.float32)])
+    assert fake.calls[0]["language"] is None, "faster-whisper detects the language"
 
 
 @pytest.mark.parametrize("fmt, quantization, model, message", [

@@ -154,3 +154,37 @@ def test_served_model_decodes_like_evaluate(tiny_en_path, dev_dir):
                          .input_ids)
     cap = default_max_new_tokens(len(audios[0]) / 16_000)
     assert cap < 120 and looping_tokens <= cap, (looping_tokens, texts[0][:80])
+
+
+def test_served_multilingual_model_detects_the_language_unless_a_request_sets_it(
+        tiny_multilingual_path, monkeypatch):
+    """A registered multilingual model that records no language answers a request without one
+    in the detected language (not forced English); a request's ``language`` still wins."""
+    from types import SimpleNamespace
+
+    from whisper_exp.serving import WhisperPyfunc
+
+    served = WhisperPyfunc()
+    served.load_context(SimpleNamespace(artifacts={"model": str(tiny_multilingual_path)}))
+    model = served.transcriber.model
+    prompts, detections = [], []
+    original_prompt, original_detect = model._retrieve_init_tokens, model.detect_language
+
+    def spy_prompt(*args, **kwargs):
+        tokens = original_prompt(*args, **kwargs)
+        prompts.append(tokens.tolist())
+        return tokens
+
+    def spy_detect(*args, **kwargs):
+        detections.append(1)
+        return original_detect(*args, **kwargs)
+
+    monkeypatch.setattr(model, "_retrieve_init_tokens", spy_prompt)
+    monkeypatch.setattr(model, "detect_language", spy_detect)
+    clip = (0.1 * np.sin(np.arange(16_000) / 5)).astype(np.float32)
+    request = pd.DataFrame({"audio": [b64(wav_bytes(clip))]})
+    served.predict(None, request, params={"max_new_tokens": 3})
+    assert detections == [1]
+    served.predict(None, request, params={"max_new_tokens": 3, "language": "de"})
+    german = model.generation_config.lang_to_id["<|de|>"]
+    assert detections == [1] and prompts[1][0][1] == german
