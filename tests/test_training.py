@@ -1,6 +1,7 @@
 """Fast dev runs of the whole training pipeline (tiny random model) plus one real step per
 strategy on tiny.en, read back through the MLflow client."""
 
+import json
 from pathlib import Path
 
 import mlflow
@@ -85,6 +86,11 @@ def test_fast_dev_run_logs_everything(tiny_multilingual_path, sample_dir, tmp_pa
     table = mlflow.artifacts.load_text(f"runs:/{result.run_id}/eval/predictions.csv")
     assert table.splitlines()[0] == "file,reference,hypothesis,wer"
     assert (tmp_path / "outputs" / result.run_id / "model").is_dir(), "per-run output dir"
+    # No model.language for a multilingual model: trained (and recorded) as English, so
+    # inference defaults to what it was trained for.
+    recorded = json.loads(mlflow.artifacts.load_text(
+        f"runs:/{result.run_id}/model/whisper_exp.json"))
+    assert recorded["language"] == "english"
 
 
 @pytest.mark.parametrize("strategy, extra", [

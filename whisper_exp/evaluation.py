@@ -46,7 +46,7 @@ def evaluate_examples(
     processor: WhisperProcessor,
     examples: Sequence[Example],
     cfg: EvaluationConfig,
-    language: str | None = "english",
+    language: str | None = None,
     progress: bool = True,
 ) -> EvalResult:
     audios = [load_audio(e.audio) for e in examples]
@@ -55,6 +55,10 @@ def evaluate_examples(
                                    num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
                                    progress=progress)
     wall = time.perf_counter() - start
+    # The language scored: the requested one, else the model's own (None: detected per clip,
+    # scored with the English normaliser).
+    if is_multilingual(model):
+        language = language or getattr(model.generation_config, "language", None)
     normalize = make_normalizer(processor.tokenizer,
                                 language if is_multilingual(model) else "english")
     references = [e.text for e in examples]

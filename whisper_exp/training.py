@@ -321,7 +321,8 @@ def train(
                       else Path(cfg.training.output_dir).expanduser().resolve() / run_id)
         if resume is None:
             mlf.set_tag(OUTPUT_DIR_TAG, str(output_dir))
-        language = cfg.model.language if is_multilingual(model) else "english"
+        # What load_base put in the prompt (model.language, or the default with a notice).
+        language = model.generation_config.language if is_multilingual(model) else "english"
         train_set = SpeechDataset(split.train, processor)
         eval_set = SpeechDataset(split.eval, processor)
         start_id = model.config.decoder_start_token_id
