@@ -42,11 +42,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from machine import bar_chart, describe_machine, save_results
+from machine import bar_chart, describe_machine, model_server, save_results
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT / "tests"))  # the loopback server helpers the tests use
 DIRECT_ROWS = ("transformers", "faster-whisper-int8", "faster-whisper-float32")
 SERVED_BACKENDS = {"transformers": {}, "ctranslate2": {"quantization": "int8"}}
 
@@ -174,7 +173,6 @@ def child_env(args) -> dict[str, str]:
 def served_rows(model_uri: str, payloads: list[dict], workdir: Path, args) -> list[dict]:
     """Sequential then concurrent requests against one server; texts, wall and peak each."""
     import requests
-    from servers import model_server  # tests/servers.py: start, wait for /health, stop
 
     def post(payload: dict) -> str:
         answer = requests.post(f"{url}/invocations", json=payload, timeout=600)

@@ -1,14 +1,19 @@
 """What the benchmarks share: the machine line every table starts with (benchmarks are only
-comparable on one machine), the training benchmarks' model / data / config arguments, and how
-results are written (markdown table, CSV, plot)."""
+comparable on one machine), the training benchmarks' model / data / config arguments, how
+results are written (markdown table, CSV, plot), and a served model on loopback."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import os
 import platform
-from collections.abc import Mapping, Sequence
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,3 +94,38 @@ def bar_chart(path: Path, labels: Sequence[str], values: Sequence[float],
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, log: Path, env: Mapping[str, str] | None = None,
+                 cwd: Path | None = None, extra_args: Sequence[str] = (),
+                 ready_timeout_s: float = 180) -> Iterator[tuple[str, subprocess.Popen]]:
+    """``mlflow models serve -m <uri> --env-manager local`` on a free loopback port: yields
+    (url, process) once MLflow's own scoring client gets through, and stops the server's whole
+    process group (the CLI and its workers, all in the measured process tree) on exit."""
+    from mlflow.pyfunc.scoring_server.client import ScoringServerClient
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(env or os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+               "--env-manager", "local", *extra_args, "--host", "127.0.0.1", "--port", str(port)]
+    with log.open("wb") as handle:
+        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=handle,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        try:
+            ScoringServerClient("127.0.0.1", port).wait_server_ready(ready_timeout_s, process)
+        except RuntimeError as exc:
+            raise SystemExit(f"{exc}\n{log.read_text()[-3000:]}") from exc
+        yield f"http://127.0.0.1:{port}", process
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)

@@ -1,6 +1,6 @@
 """Load test of the served model: concurrent real speech plus malformed requests.
 
-Run (not in CI; CI runs a smaller version in tests/test_serve_load.py):
+Run (not in CI; tests/test_serve_load.py is a CI-sized check of the same behaviour):
     python benchmarks/serve_load.py                      # registers tiny.en, 50 concurrent
     python benchmarks/serve_load.py --model-uri models:/whisper-exp@champion --concurrency 50
 
@@ -18,7 +18,6 @@ import csv
 import io
 import os
 import statistics
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +27,7 @@ from pathlib import Path
 import numpy as np
 import requests
 import soundfile as sf
-
-ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT / "tests"))  # the loopback server helpers the tests use
+from machine import SHARED, model_server
 
 
 def _b64(data: bytes) -> str:
@@ -152,7 +148,6 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=50)
     parser.add_argument("--requests", type=int, default=50)
     args = parser.parse_args()
-    from servers import model_server
 
     workdir = Path(tempfile.mkdtemp(prefix="whisper-exp-load-"))
     os.chdir(workdir)
