@@ -63,3 +63,11 @@ def test_git_commit_only_inside_a_checkout_of_this_project(tmp_path):
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ours, capture_output=True,
                           text=True, check=True).stdout.strip()
     assert git_commit(ours / ".") == head and len(head) == 40
+
+
+def test_default_search_space_ships_in_the_package():
+    from whisper_exp.tuning import DEFAULT_SPACE, load_search_space
+
+    assert DEFAULT_SPACE.is_relative_to(PACKAGED_CONFIGS)
+    space = load_search_space("search/lora", load_config(None))
+    assert {spec.key for spec in space.params} == {"finetuning.lora.r", "training.learning_rate"}

@@ -13,10 +13,16 @@ from typing import Any, Literal
 import optuna
 import yaml
 
-from whisper_exp.config import ConfigError, ExperimentConfig, load_config
+from whisper_exp.config import (
+    PACKAGED_CONFIGS,
+    ConfigError,
+    ExperimentConfig,
+    config_path,
+    load_config,
+)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SPACE = PROJECT_ROOT / "experiments" / "search" / "lora.yaml"
+# Shipped inside the package (a non-editable install has it too); `--space search/lora` names it.
+DEFAULT_SPACE = PACKAGED_CONFIGS / "search" / "lora.yaml"
 
 
 class SearchSpaceError(ConfigError):
@@ -204,9 +210,11 @@ def _parse_param(key: Any, spec: Any, base_cfg: ExperimentConfig, flat: dict[str
 
 def load_search_space(path: str | Path, base_cfg: ExperimentConfig) -> SearchSpace:
     """Read and check a search-space YAML against ``base_cfg``; every problem names its entry."""
-    path = Path(path)
-    if not path.is_file():
-        raise SearchSpaceError(f"search space {path} does not exist")
+    try:
+        path = config_path(path)
+    except ConfigError:
+        raise SearchSpaceError(f"search space {path} does not exist; give a YAML path or "
+                               "search/lora (shipped)") from None
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:

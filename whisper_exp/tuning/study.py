@@ -50,6 +50,8 @@ class PruningCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         value = (metrics or {}).get(self.metric)
+        if value is None and state.max_steps and state.global_step >= state.max_steps:
+            return  # the last step's evaluation is loss-only; the objective is the final WER
         if value is None:
             log.warning("trial %d: no %s in evaluation metrics; not reported for pruning",
                         self.trial.number, self.metric)
