@@ -269,3 +269,39 @@ def test_disk_cap_is_respected_across_namespaces(tmp_path, monkeypatch):
     for i in range(40, 60):
         unlimited.put(str(i), np.ones((16, 16)))
     assert cache_module.disk_usage(tmp_path / "c")[1] == entries + 20
+
+
+def test_an_evicted_entry_is_recomputed_and_stored_again(tmp_path):
+    """The collator hands an evicted entry's batch over as features; the trainer recomputes
+    its prefix (equal to a cache hit) and puts it back."""
+    from types import SimpleNamespace
+
+    from whisper_exp.cache import DiskCap
+    from whisper_exp.cache_training import CachedEncoderCollator, CachedEncoderTrainer
+
+    encoder = _frozen_tiny_encoder().eval()
+    split = EncoderSplit(encoder, 1)
+    mels = {key: torch.randn(4, 8) for key in "ab"}
+    store = ArrayCache(tmp_path / "ns", memory_budget_mb=0, dtype="float16",
+                       disk_cap=DiskCap(tmp_path))
+    for key, mel in mels.items():
+        store.put(key, split.prefix(mel[None])[0].numpy())
+    items = [{"key": key, "audio": f"{key}.wav", "labels": [1, 2], "seconds": 1.0}
+             for key in "ab"]
+    collate = CachedEncoderCollator(store, decoder_start_token_id=0,
+                                    features=lambda batch: torch.stack([mels[i["key"]]
+                                                                        for i in batch]))
+    hit = collate(items)
+    store._path("b").unlink()  # evicted
+    with pytest.raises(RuntimeError, match="b.wav"):
+        CachedEncoderCollator(store, decoder_start_token_id=0)(items)
+    miss = collate(items)
+    assert "encoder_prefix" not in miss and miss["input_features"].shape == (2, 4, 8)
+    trainer = SimpleNamespace(encoder_split=split, encoder_store=store)
+    inputs = CachedEncoderTrainer._encoder_outputs(trainer, miss)
+    assert set(inputs) >= {"encoder_outputs", "labels"} and "input_features" not in inputs
+    expected = CachedEncoderTrainer._encoder_outputs(trainer, hit)["encoder_outputs"]
+    torch.testing.assert_close(inputs["encoder_outputs"].last_hidden_state,
+                               expected.last_hidden_state)
+    assert store._path("b").exists(), "stored again"
+    assert "encoder_prefix" in collate(items)

@@ -269,6 +269,11 @@ class EncoderSplit:
         parts = [enc.conv1, enc.conv2, enc.embed_positions, *enc.layers[:self.k]]
         return modules_fingerprint(parts, extra=f"k={self.k}")
 
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the prefix runs in: the encoder's (float32 for quantized weights)."""
+        dtype = self.encoder.layer_norm.weight.dtype
+        return dtype if dtype in (torch.float32, torch.float16, torch.bfloat16) else torch.float32
+
 
 def cache_refusal(encoder: torch.nn.Module, k: int, enabled: bool) -> str | None:
     """Why the encoder cache cannot be used, or None when it can."""
@@ -308,8 +313,11 @@ def fill_encoder_cache(
     device: torch.device,
     dtype: torch.dtype,
     progress: bool = True,
+    persist: bool = False,
 ) -> int:
-    """Compute the frozen prefix for every key not cached yet; returns how many were computed."""
+    """Compute the frozen prefix for every key not cached yet; returns how many were computed.
+
+    ``persist`` writes every array to disk, for the other processes of a multi-process run."""
     from tqdm.auto import tqdm
 
     todo = [i for i, key in enumerate(keys) if cache.get(key) is None]
@@ -323,7 +331,7 @@ def fill_encoder_cache(
                                     for i in batch]).to(device, dtype)
             hidden = split.prefix(features).float().cpu().numpy()
             for i, array in zip(batch, hidden, strict=True):
-                cache.put(keys[i], array)
+                cache.put(keys[i], array, persist=persist)
     finally:
         split.encoder.train(was_training)
     return len(todo)

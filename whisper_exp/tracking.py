@@ -19,10 +19,13 @@ import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import torch
+
+if TYPE_CHECKING:
+    from accelerate import PartialState
 
 PROJECT_NAME = "whisper-exp"
 
@@ -153,13 +156,24 @@ def scratch_dir(prefix: str) -> Path:
 # --------------------------------------------------------------------------- multi-process
 
 
+def distributed_state() -> PartialState:
+    """accelerate's view of this process, the one the Trainer uses.
+
+    In a plain process it is rank 0 of 1 and creates no process group; under torchrun the first
+    call joins the group (gloo on CPU, NCCL on GPUs). ``cpu`` must follow the device: without it
+    accelerate takes a CPU-only torchrun for a single process on every rank."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def process_rank() -> int:
-    """Global rank under torchrun/accelerate (``RANK``), 0 for a plain process."""
-    return int(os.environ.get("RANK", "0"))
+    """Global rank under torchrun/accelerate, 0 for a plain process."""
+    return distributed_state().process_index
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return distributed_state().num_processes
 
 
 class Tracker:
@@ -167,7 +181,7 @@ class Tracker:
     training code, and exactly one of them may write to the run."""
 
     def __init__(self, enabled: bool | None = None):
-        self.enabled = process_rank() == 0 if enabled is None else enabled
+        self.enabled = distributed_state().is_main_process if enabled is None else enabled
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.enabled:
@@ -211,19 +225,18 @@ class _NonMainRun:
 def main_process_run(run_id: str | None = None, **kwargs) -> Iterator[Any]:
     """``run(...)`` on rank 0; on other ranks a stand-in that touches no tracking server but
     carries rank 0's run id (broadcast), so every rank shares ``outputs/<run_id>/``."""
-    if world_size() == 1:
+    state = distributed_state()
+    if state.num_processes == 1:
         with run(run_id=run_id, **kwargs) as active:
             yield active
         return
-    import torch.distributed as dist
-    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
 
-    PartialState()  # the process group the Trainer uses (gloo on CPU, NCCL on GPUs)
-    if process_rank() == 0:
+    if state.is_main_process:
         with run(run_id=run_id, **kwargs) as active:
-            dist.broadcast_object_list([active.info.run_id], src=0)
+            broadcast_object_list([active.info.run_id], from_process=0)
             yield active
     else:
         shared = [None]
-        dist.broadcast_object_list(shared, src=0)
+        broadcast_object_list(shared, from_process=0)
         yield _NonMainRun(_RunInfo(shared[0]))
