@@ -318,6 +318,8 @@ def test_hugging_face_audio_bytes_are_read_lazily(tmp_path):
         np.testing.assert_array_equal(load_audio(example.audio), load_audio(clip))
         assert probe(example.audio) == probe(clip)
         assert audio_fingerprint(example.audio) == audio_fingerprint(clip)
+    # a path (which also has .name and .read_bytes) is hashed as the file: same key as its row
+    assert audio_fingerprint(tmp_path / "b0.flac") == audio_fingerprint(examples[0].audio)
     # the rows point into the memory-mapped dataset: pickling them (DataLoader workers) carries
     # no audio, and the copy still reads every clip
     pickled = pickle.dumps(examples)
