@@ -7,38 +7,17 @@ import io
 import jiwer
 import mlflow
 import pytest
-import torch
-from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
 from whisper_exp.config import load_config
 from whisper_exp.evaluation import run_evaluation
 from whisper_exp.metrics import english_normalizer
 
 CFG = {"data": {"max_eval_samples": 4}, "evaluation": {"batch_size": 4, "max_new_tokens": 6}}
-THE = "the the the the the the"  # says_the_path's transcript of anything, at 6 new tokens
+THE = " ".join(["the"] * 6)  # says_the_path's transcript of anything, at 6 new tokens
 
 
 def _table(run_id: str, name: str) -> list[dict[str, str]]:
     return list(csv.DictReader(io.StringIO(mlflow.artifacts.load_text(f"runs:/{run_id}/{name}"))))
-
-
-@pytest.fixture(scope="module")
-def says_the_path(tiny_english_path, tmp_path_factory):
-    """tiny_english_path with perturbed weights that make it say " the" at every step (the
-    decoder's last layer norm outputs a constant, aligned with a long " the" embedding), so its
-    WER on any data is known in advance."""
-    model = WhisperForConditionalGeneration.from_pretrained(tiny_english_path)
-    processor = WhisperProcessor.from_pretrained(tiny_english_path)
-    the = processor.tokenizer.convert_tokens_to_ids("\u0120the")
-    with torch.no_grad():
-        embed = model.get_output_embeddings().weight
-        embed[the] = 100 * embed[the] / embed[the].norm()
-        model.model.decoder.layer_norm.weight.zero_()
-        model.model.decoder.layer_norm.bias.copy_(embed[the])
-    out = tmp_path_factory.mktemp("models") / "says-the"
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
 
 
 def test_compare_scores_base_and_tuned_on_the_same_data(tiny_english_path, says_the_path,
@@ -77,3 +56,24 @@ def test_compare_scores_base_and_tuned_on_the_same_data(tiny_english_path, says_
         assert float(row["tuned_wer"]) == pytest.approx(float(tuned["wer"]))
         assert float(tuned["wer"]) == pytest.approx(jiwer.wer(normalize(row["reference"]), THE))
         assert float(row["delta_wer"]) == pytest.approx(float(tuned["wer"]) - float(base["wer"]))
+
+
+def test_evaluation_reads_transcripts_in_the_models_language(tiny_multilingual_path, sample_dir,
+                                                             tmp_path):
+    """Text case follows the language decoded: an all-caps Italian reference keeps its "i"
+    (the English "I" rule is English-only)."""
+    import shutil
+
+    from conftest import write_metadata
+
+    data = tmp_path / "italian"
+    data.mkdir()
+    shutil.copy(sample_dir / "001350134.flac", data / "a.flac")
+    write_metadata(data, [("a.flac", "SONO I MIEI AMICI")])
+    # tiny random multilingual model: only <|en|> and <|de|> tokens, so German stands in for
+    # any non-English language here.
+    cfg = load_config(None, {"model": {"language": "german"},
+                             "evaluation": {"max_new_tokens": 4}})
+    report = run_evaluation(str(tiny_multilingual_path), str(data), cfg)
+    (row,) = _table(report.run_id, "predictions.csv")
+    assert row["reference"] == "Sono i miei amici."

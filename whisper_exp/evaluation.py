@@ -116,6 +116,8 @@ def run_evaluation(
             if examples is None:
                 split = load_eval_only(
                     data, cfg.data, seed=cfg.training.seed,
+                    language=(loaded_model.generation_config.language
+                              if is_multilingual(loaded_model) else "english"),
                     count_label_tokens=lambda t, p=processor: len(p.tokenizer(t).input_ids),
                     max_label_tokens=loaded_model.config.max_target_positions,
                 )

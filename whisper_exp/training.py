@@ -304,8 +304,11 @@ def train(
         # before it (an Optuna trial after a pruned one started from other adapters).
         set_seed(cfg.training.seed)
         model, processor = load_base(cfg.model, cfg.finetuning, device)
+        # What load_base put in the prompt (model.language, or the default with a notice): the
+        # transcripts' text case and the WER normaliser follow it.
+        language = model.generation_config.language if is_multilingual(model) else "english"
         split = load_splits(
-            cfg.data, seed=cfg.training.seed,
+            cfg.data, seed=cfg.training.seed, language=language,
             count_label_tokens=lambda text: len(processor.tokenizer(text).input_ids),
             max_label_tokens=model.config.max_target_positions,
         )
@@ -321,8 +324,6 @@ def train(
                       else Path(cfg.training.output_dir).expanduser().resolve() / run_id)
         if resume is None:
             mlf.set_tag(OUTPUT_DIR_TAG, str(output_dir))
-        # What load_base put in the prompt (model.language, or the default with a notice).
-        language = model.generation_config.language if is_multilingual(model) else "english"
         train_set = SpeechDataset(split.train, processor)
         eval_set = SpeechDataset(split.eval, processor)
         start_id = model.config.decoder_start_token_id
