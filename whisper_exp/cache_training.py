@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 from accelerate.utils import gather_object
-from transformers import Seq2SeqTrainer, WhisperProcessor
+from transformers import WhisperProcessor
 
 from whisper_exp import tracking
 from whisper_exp.audio import SAMPLE_RATE, load_audio
@@ -31,6 +31,7 @@ from whisper_exp.cache import (
 )
 from whisper_exp.config import ExperimentConfig
 from whisper_exp.modeling import frozen_encoder_layers, whisper_encoder
+from whisper_exp.trainer import AUDIO_SECONDS, WhisperTrainer, audio_seconds_tensor
 
 log = logging.getLogger(__name__)
 
@@ -102,11 +103,12 @@ class CachedEncoderCollator:
                                "training.cache_encoder=false and report this")
         return {**inputs,
                 "labels": pad_labels([item["labels"] for item in items],
-                                     self.decoder_start_token_id)}
+                                     self.decoder_start_token_id),
+                AUDIO_SECONDS: audio_seconds_tensor(items)}
 
 
-class CachedEncoderTrainer(Seq2SeqTrainer):
-    """``Seq2SeqTrainer`` fed cached frozen-prefix states: it runs only the encoder's trainable
+class CachedEncoderTrainer(WhisperTrainer):
+    """``WhisperTrainer`` fed cached frozen-prefix states: it runs only the encoder's trainable
     top (layers k.. + layer norm, with grad) and hands the result to the model as
     ``encoder_outputs``, so the loss, generation and metrics are the standard ones."""
 
