@@ -182,6 +182,29 @@ def tiny_english_path(tmp_path_factory, whisper_tokenizer_path) -> Path:
                            multilingual=False)
 
 
+
+@pytest.fixture(scope="session")
+def says_the_path(tiny_english_path, tmp_path_factory) -> Path:
+    """tiny_english_path with perturbed weights that make it say " the" at every step (the
+    decoder's last layer norm outputs a constant aligned with a long " the" embedding): a model
+    whose transcript of anything is known, to tell two models apart and see text flow through
+    evaluation, registry and serving without real weights."""
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_english_path)
+    processor = WhisperProcessor.from_pretrained(tiny_english_path)
+    the = processor.tokenizer.convert_tokens_to_ids("\u0120the")
+    with torch.no_grad():
+        embed = model.get_output_embeddings().weight
+        embed[the] = 100 * embed[the] / embed[the].norm()
+        model.model.decoder.layer_norm.weight.zero_()
+        model.model.decoder.layer_norm.bias.copy_(embed[the])
+    out = tmp_path_factory.mktemp("models") / "says-the"
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out
+
 POSTGRES_ADMIN = os.environ.get("WHISPER_EXP_TEST_POSTGRES",
                                 "postgresql://postgres@127.0.0.1:5432/postgres")
 

@@ -1,5 +1,5 @@
-"""Fast dev runs of the whole training pipeline (tiny random model) plus one real step per
-strategy on tiny.en, read back through the MLflow client."""
+"""Fast dev runs of the whole training pipeline per strategy (tiny random model) plus one real
+step per strategy on tiny.en (real-asset layer), read back through the MLflow client."""
 
 import json
 from pathlib import Path
@@ -36,10 +36,10 @@ def _artifacts(run_id, path=""):
     return files
 
 
-def test_collator_strips_start_token_and_masks_padding(tiny_en_path, sample_dir):
+def test_collator_strips_start_token_and_masks_padding(whisper_tokenizer_path, sample_dir):
     from transformers import WhisperProcessor
 
-    processor = WhisperProcessor.from_pretrained(tiny_en_path)
+    processor = WhisperProcessor.from_pretrained(whisper_tokenizer_path)
     start = processor.tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
     ids = [processor.tokenizer(t).input_ids for t in ("Hi.", "A longer one.")]
     batch = SpeechCollator(MelFeatures(processor), start)([
@@ -93,10 +93,47 @@ def test_fast_dev_run_logs_everything(tiny_multilingual_path, sample_dir, tmp_pa
     assert recorded["language"] == "english"
 
 
-@pytest.mark.parametrize("strategy, extra", [
-    ("full", {"freeze_encoder": True}),
-    ("qlora", {"gradient_checkpointing": True}),
-])
+STRATEGY_STEPS = [("full", {"freeze_encoder": True}), ("qlora", {"gradient_checkpointing": True})]
+
+
+@pytest.mark.parametrize("strategy, extra", STRATEGY_STEPS)
+def test_each_strategy_trains_a_step_and_logs_its_model(tiny_english_path, sample_dir, tmp_path,
+                                                        strategy, extra):
+    cfg = _cfg(tiny_english_path, sample_dir, tmp_path, ROOT / "experiments" / f"{strategy}.yaml",
+               strategy=strategy, **extra)
+    cfg.training.max_steps = 1
+    cfg.data.max_train_samples = 2
+    result = train(cfg)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["global_steps"] == 1
+    assert run.data.metrics["train_loss"] > 0
+    assert run.data.params["finetuning.strategy"] == strategy
+    files = _artifacts(result.run_id)
+    model_config = json.loads((tiny_english_path / "config.json").read_text())
+    d_model, layers = model_config["d_model"], model_config["decoder_layers"]
+    if strategy == "full":
+        assert "model/model.safetensors" in files
+        # freeze_encoder: exactly the decoder trains (its positions are learned, unlike the
+        # encoder's sinusoids), tied output projection counted once.
+        from transformers import WhisperForConditionalGeneration
+
+        model = WhisperForConditionalGeneration.from_pretrained(tiny_english_path)
+        decoder = sum(p.numel() for p in model.model.decoder.parameters())
+        assert run.data.metrics["trainable_params"] == decoder
+        assert run.data.metrics["total_params"] == sum(p.numel() for p in model.parameters())
+    else:
+        assert "model/adapter_model.safetensors" in files
+        r = int(run.data.params["finetuning.lora.r"])
+        targets = run.data.params["finetuning.lora.target_modules"]
+        assert "q_proj" in targets and "v_proj" in targets
+        # q and v of the encoder self-attention and decoder self+cross attention, A and B each
+        n_attention = model_config["encoder_layers"] + 2 * layers
+        assert run.data.metrics["trainable_params"] == n_attention * 2 * (2 * r * d_model)
+    assert len(result.final.rows) == int(run.data.params["data.n_eval"])
+
+
+@pytest.mark.parametrize("strategy, extra", STRATEGY_STEPS)
 def test_real_tiny_en_trains_a_step(tiny_en_path, sample_dir, tmp_path, strategy, extra):
     cfg = _cfg(tiny_en_path, sample_dir, tmp_path, ROOT / "experiments" / f"{strategy}.yaml",
                strategy=strategy, **extra)
