@@ -151,11 +151,13 @@ def _train_cfg(model, data, tmp_path, **training):
 def test_training_reuses_the_cache_across_runs(tiny_multilingual_path, sample_dir, tmp_path):
     from whisper_exp.training import train
 
-    first = mlflow.get_run(train(_train_cfg(tiny_multilingual_path, sample_dir,
-                                            tmp_path)).run_id)
+    first = mlflow.get_run(train(_train_cfg(tiny_multilingual_path, sample_dir, tmp_path,
+                                            cache_memory_mb=0)).run_id)  # all on disk
     assert first.data.params["cache.encoder_active"] == "True"
     n = int(first.data.params["data.n_train"]) + int(first.data.params["data.n_eval"])
     assert first.data.metrics["cache_encoder_computed"] == n
+    assert first.data.metrics["cache_disk_entries"] >= n and first.data.metrics[
+        "cache_disk_mb"] > 0
     second = mlflow.get_run(train(_train_cfg(tiny_multilingual_path, sample_dir,
                                              tmp_path)).run_id)
     assert second.data.metrics["cache_encoder_computed"] == 0, "warm: nothing recomputed"
