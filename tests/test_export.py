@@ -100,12 +100,12 @@ def _expected_merge(adapter_dir: Path, base_dir: Path) -> tuple[torch.Tensor, to
     return base, base + (config["lora_alpha"] / config["r"]) * lora_b.float() @ lora_a.float()
 
 
-def _lora_run(tiny_en_path: Path, tmp_path: Path, experiment: str) -> tuple[str, Path]:
+def _lora_run(base_dir: Path, tmp_path: Path, experiment: str) -> tuple[str, Path]:
     """A LoRA run laid out as train() leaves it (save_trained's adapter folder in
     outputs/<run_id>/model, logged as model/), with lora_B set to what one Adam step at lr 1e-3
     gives it (+-1e-3 per element): merging then visibly changes weights, without the half
     minute a real training step takes here."""
-    cfg = load_config(None, {"model": {"name": str(tiny_en_path)},
+    cfg = load_config(None, {"model": {"name": str(base_dir)},
                              "finetuning": {"strategy": "lora"},
                              "training": {"output_dir": str(tmp_path / "outputs")}})
     model, processor = load_base(cfg.model, cfg.finetuning, torch.device("cpu"))
@@ -124,12 +124,12 @@ def _lora_run(tiny_en_path: Path, tmp_path: Path, experiment: str) -> tuple[str,
     return run.info.run_id, model_dir
 
 
-def test_lora_run_is_merged_converted_and_logged(tiny_en_path, dev_dir, tmp_path, experiment,
+def test_lora_run_is_merged_converted_and_logged(says_the_path, sample_dir, tmp_path, experiment,
                                                   monkeypatch):
     from ctranslate2.converters import TransformersConverter
 
-    run_id, adapter_dir = _lora_run(tiny_en_path, tmp_path, experiment)
-    base_weight, merged_weight = _expected_merge(adapter_dir, tiny_en_path)
+    run_id, adapter_dir = _lora_run(says_the_path, tmp_path, experiment)
+    base_weight, merged_weight = _expected_merge(adapter_dir, says_the_path)
     assert (merged_weight - base_weight).abs().max() > 1e-4, "the adapter changes weights"
 
     # CTranslate2: the converter must be handed merged weights, not the base.
@@ -148,7 +148,7 @@ def test_lora_run_is_merged_converted_and_logged(tiny_en_path, dev_dir, tmp_path
     assert json.loads((ct2_dir / "whisper_exp.json").read_text())["merged_adapter"] is True
     assert _artifact_names(run_id, "exports/ctranslate2-int8") >= CT2_FILES
 
-    clips, _ = _dev_clips(dev_dir)
+    clips, _ = _dev_clips(sample_dir)
     fast = transcribe_with_faster_whisper(ct2_dir, clips)
     slow, tokenizer = _transformers_greedy(f"runs:/{run_id}", clips)
     _assert_transcripts_agree(fast, slow, tokenizer)
@@ -184,7 +184,8 @@ def test_cli_exports_and_guards_the_output_folder(tiny_english_path, tmp_path):
 
 
 class _RecordingWhisperModel:
-    """Stands in for faster_whisper.WhisperModel: records how it is asked to decode."""
+    """Stands in for faster_whisper.WhisperModel and the BatchedInferencePipeline that decodes
+    clips with it: records how it is asked to decode (one clip: its chunk's ``seek`` is 0)."""
 
     class _Model:
         is_multilingual = True
@@ -198,7 +199,16 @@ class _RecordingWhisperModel:
         from types import SimpleNamespace
 
         self.calls.append(options)
-        return iter([SimpleNamespace(text=" Hello"), SimpleNamespace(text=" there.")]), None
+        return iter([SimpleNamespace(text=" Hello", seek=0),
+                     SimpleNamespace(text=" there.", seek=0)]), None
+
+    @classmethod
+    def installed(cls, monkeypatch) -> _RecordingWhisperModel:
+        fake = cls()
+        monkeypatch.setattr("whisper_exp.ctranslate2_backend.load_faster_whisper",
+                            lambda *a, **k: fake)
+        monkeypatch.setattr("faster_whisper.BatchedInferencePipeline", lambda model: model)
+        return fake
 
 
 def _with_recorded_language(model_dir: Path, tmp_path: Path, language: str) -> Path:
@@ -217,9 +227,7 @@ def test_multilingual_export_keeps_its_language_for_faster_whisper(tiny_multilin
     assert json.loads((out / "whisper_exp.json").read_text())["language"] == "german"
     assert json.loads((out / "config.json").read_text())["lang_ids"], "language ids converted"
 
-    fake = _RecordingWhisperModel()
-    monkeypatch.setattr("whisper_exp.ctranslate2_backend.load_faster_whisper",
-                        lambda *a, **k: fake)
+    fake = _RecordingWhisperModel.installed(monkeypatch)
     tone = np.zeros(16_000, dtype=np.float32)
     assert transcribe_with_faster_whisper(out, [tone]) == ["Hello there."]
     assert transcribe_with_faster_whisper(fake, [tone], language="German", beam_size=4)
@@ -230,7 +238,8 @@ def test_multilingual_export_keeps_its_language_for_faster_whisper(tiny_multilin
     assert default["language"] == "de" and explicit["language"] == "de"
     assert explicit["beam_size"] == 4
     assert default["temperature"] == 0.0 and default["without_timestamps"] is True
-    assert default["condition_on_previous_text"] is False and default["vad_filter"] is False
+    assert default["vad_filter"] is False
+    assert default["multilingual"] is False, "a known language is forced, not detected per clip"
     with pytest.raises(TranscribeError, match="unknown language 'klingon'"):
         transcribe_with_faster_whisper(fake, [tone], language="klingon")
 
@@ -249,11 +258,10 @@ def test_export_of_a_model_without_a_language_leaves_detection_on(tiny_multiling
     ct2 = convert_to_ctranslate2(hf, tmp_path / "ct2", None)
     assert json.loads((ct2 / "whisper_exp.json").read_text())["language"] is None
 
-    fake = _RecordingWhisperModel()
-    monkeypatch.setattr("whisper_exp.ctranslate2_backend.load_faster_whisper",
-                        lambda *a, **k: fake)
+    fake = _RecordingWhisperModel.installed(monkeypatch)
     assert transcribe_with_faster_whisper(ct2, [np.zeros(16_000, dtype=np.float32)])
     assert fake.calls[0]["language"] is None, "faster-whisper detects the language"
+    assert fake.calls[0]["multilingual"] is True, "per clip, as clip-by-clip decoding does"
 
 
 @pytest.mark.parametrize("fmt, quantization, model, message", [

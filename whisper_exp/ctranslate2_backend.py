@@ -33,6 +33,11 @@ from whisper_exp.decoding import (
 if TYPE_CHECKING:
     from faster_whisper import WhisperModel
 
+# Whisper's mel frames: 10 ms hops at 16 kHz. faster-whisper names a batched chunk by its offset
+# in these frames (``Segment.seek``), and decodes nothing from a clip shorter than one hop.
+HOP_SAMPLES = 160
+FRAMES_PER_SECOND = SAMPLE_RATE // HOP_SAMPLES
+
 
 def is_ctranslate2_model(path: str | Path) -> bool:
     """A CTranslate2 folder (``model.bin``) rather than a Hugging Face one (both have a
@@ -97,6 +102,59 @@ def decode_with_faster_whisper(model: WhisperModel, audio: np.ndarray, *,
     ])
 
 
+def decode_clips_batched(model: WhisperModel, audios: Sequence[np.ndarray], *,
+                         language: str | None = None, beam_size: int = 1,
+                         max_new_tokens: int | None = None, batch_size: int = 16,
+                         on_batch: Callable[[int], None] | None = None) -> list[str]:
+    """Clips up to 30 s -> text, ``batch_size`` clips per encoder and decoder pass, with the
+    same transcripts as ``decode_with_faster_whisper`` clip by clip (greedy at temperature 0, no
+    VAD, no previous text, no timestamps; identical on the dev clips with fp32 and int8 exports).
+
+    faster-whisper's ``BatchedInferencePipeline`` batches the chunks of one recording, which it
+    takes from ``clip_timestamps``: the clips of a batch are laid end to end, each from a whole
+    second so that its chunk's ``seek`` names it, and marked half a sample inside their bounds so
+    the pipeline's ``int(seconds * rate)`` lands on their exact first and last samples. Batches
+    are length-sorted and, without ``max_new_tokens``, capped for their longest clip (as
+    ``generation.generate_batches`` does). ``language`` None on a multilingual model: detected
+    per clip. Timestamps and long-form stay on ``decode_with_faster_whisper``: the pipeline drops
+    a segment cut off by the window or token cap instead of decoding it again from its last
+    timestamp, and has no temperature fallback or previous-text prompt.
+    """
+    from faster_whisper import BatchedInferencePipeline
+
+    pipeline = BatchedInferencePipeline(model)
+    texts = [""] * len(audios)  # clips under one hop decode to nothing, as clip by clip
+    order = sorted((i for i, audio in enumerate(audios) if len(audio) >= HOP_SAMPLES),
+                   key=lambda i: len(audios[i]))
+    for first in range(0, len(order), batch_size):
+        batch = order[first:first + batch_size]
+        pieces, clips, chunk_of = [], [], {}
+        offset = 0
+        for index in batch:
+            audio = np.asarray(audios[index], dtype=np.float32)
+            room = -(-len(audio) // SAMPLE_RATE) * SAMPLE_RATE
+            pieces += [audio, np.zeros(room - len(audio), dtype=np.float32)]
+            clips.append({"start": (offset + 0.5) / SAMPLE_RATE,
+                          "end": (offset + len(audio) + 0.5) / SAMPLE_RATE})
+            chunk_of[int(offset / SAMPLE_RATE * FRAMES_PER_SECOND)] = index
+            offset += room
+        longest_s = len(audios[batch[-1]]) / SAMPLE_RATE
+        segments, _ = pipeline.transcribe(
+            np.concatenate(pieces), clip_timestamps=clips, language=language,
+            multilingual=language is None and bool(model.model.is_multilingual),
+            beam_size=beam_size, temperature=0.0, without_timestamps=True, vad_filter=False,
+            max_new_tokens=max_new_tokens or default_max_new_tokens(longest_s),
+            batch_size=len(batch))
+        parts: dict[int, list[str]] = {}
+        for segment in segments:  # a generator: decoding happens here
+            parts.setdefault(chunk_of[segment.seek], []).append(segment.text)
+        for index, text in parts.items():
+            texts[index] = "".join(text).strip()
+        if on_batch is not None:
+            on_batch(len(batch))
+    return texts
+
+
 def transcribe_with_faster_whisper(
     model_dir: str | Path | WhisperModel,
     audios: Sequence[np.ndarray],
@@ -104,8 +162,8 @@ def transcribe_with_faster_whisper(
     beam_size: int = 1,
     language: str | None = None,
 ) -> list[str]:
-    """Transcribe 16 kHz mono float32 clips (up to 30 s) with faster-whisper, without
-    timestamps (see ``decode_with_faster_whisper``).
+    """Transcribe 16 kHz mono float32 clips with faster-whisper, without timestamps: up to
+    30 s in batches (``decode_clips_batched``), longer ones in fixed 30 s windows.
 
     ``model_dir`` is an exported folder (loaded with ``compute_type``) or, to reuse one across
     calls, a ``WhisperModel`` from ``load_faster_whisper``; ``language`` (name or code) defaults
@@ -118,8 +176,14 @@ def transcribe_with_faster_whisper(
     multilingual = model.model.is_multilingual
     code = language_code(language or export_language(model_dir), multilingual) \
         if multilingual else None
-    return [decode_with_faster_whisper(model, audio, language=code, beam_size=beam_size).text
-            for audio in audios]
+    limit = SHORT_FORM_MAX_S * SAMPLE_RATE
+    short = [i for i, audio in enumerate(audios) if len(audio) <= limit]
+    texts = dict(zip(short, decode_clips_batched(model, [audios[i] for i in short],
+                                                 language=code, beam_size=beam_size),
+                     strict=True))
+    return [texts[i] if i in texts else
+            decode_with_faster_whisper(model, audio, language=code, beam_size=beam_size).text
+            for i, audio in enumerate(audios)]
 
 
 class FasterWhisperTranscriber:
@@ -152,23 +216,35 @@ class FasterWhisperTranscriber:
     def transcribe_audio(self, audios: Sequence[np.ndarray], options: DecodeOptions,
                          on_done: Callable[[int], None] | None = None) -> list[Decoded]:
         """16 kHz mono arrays -> text (and segments with ``options.return_timestamps``; always
-        for recordings over 30 s, whose decoding follows the timestamps)."""
+        for recordings over 30 s, whose decoding follows the timestamps). Clips up to 30 s
+        without timestamps are decoded ``options.batch_size`` at a time; the rest one by one."""
         self.check_options(options)
         code = None
         if self.multilingual:
             code = language_code(options.language or self.default_language, True,
                                  set(self.model.supported_languages))
-        results = []
-        for audio in audios:
+        limit = SHORT_FORM_MAX_S * SAMPLE_RATE
+        batched = [] if options.return_timestamps else \
+            [i for i, audio in enumerate(audios) if len(audio) <= limit]
+        results: list[Decoded | None] = [None] * len(audios)
+        if batched:
+            texts = decode_clips_batched(
+                self.model, [audios[i] for i in batched], language=code,
+                beam_size=options.num_beams, max_new_tokens=options.max_new_tokens,
+                batch_size=options.batch_size, on_batch=on_done)
+            for index, text in zip(batched, texts, strict=True):
+                results[index] = Decoded(text)
+        for index, audio in enumerate(audios):
+            if results[index] is not None:
+                continue
             # Over one window: timestamps, so faster-whisper moves its window to the last
             # complete segment (as transformers' long-form generation does).
-            long_form = len(audio) > SHORT_FORM_MAX_S * SAMPLE_RATE
-            decoded = decode_with_faster_whisper(
+            long_form = len(audio) > limit
+            results[index] = decode_with_faster_whisper(
                 self.model, audio, language=code, beam_size=options.num_beams,
                 timestamps=options.return_timestamps or long_form,
                 max_new_tokens=options.max_new_tokens,
                 long_form=options if long_form else None)
-            results.append(decoded)
             if on_done is not None:
                 on_done(1)
-        return results
+        return [r if r is not None else Decoded("") for r in results]
