@@ -250,6 +250,11 @@ class EncoderSplit:
 
     @torch.no_grad()
     def prefix(self, features: torch.Tensor) -> torch.Tensor:
+        """Conv stem, positions and the bottom k layers, written out rather than taken from
+        ``encoder(..., output_hidden_states=True).hidden_states[k]``: that runs every layer (on
+        tiny.en, k=2 of 4, batch of 8 on CPU: 9.5 s against 4.6 s, median of 3), and its last
+        entry has the final layer norm applied, so k = n_layers would need a special case. The
+        outputs are bitwise equal for k < n_layers."""
         enc = self.encoder
         hidden = torch.nn.functional.gelu(enc.conv1(features))
         hidden = torch.nn.functional.gelu(enc.conv2(hidden)).permute(0, 2, 1)
