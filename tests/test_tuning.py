@@ -148,6 +148,60 @@ def test_shipped_space_and_its_commented_options_are_valid(tmp_path):
     assert applied.training.epochs == 2.0 and applied.finetuning.freeze_encoder is True
 
 
+def test_base_config_values_are_a_point_of_the_space_only_inside_it(tmp_path):
+    cfg = load_config(ROOT / "experiments" / "lora.yaml")  # r 32, alpha 64, lr 1e-3, 2 epochs
+    space = load_search_space(_space(tmp_path, {
+        "finetuning.lora.r": {"type": "categorical", "choices": [8, 32]},
+        "finetuning.lora.alpha": {"type": "int", "low": 16, "high": 128, "step": 16},
+        "finetuning.lora.target_modules": {
+            "type": "categorical", "choices": [["q_proj"], ["q_proj", "v_proj"]]},
+        "training.learning_rate": {"type": "float", "low": 1e-5, "high": 1e-2, "log": True},
+        "training.epochs": {"type": "int", "low": 1, "high": 4}}), cfg)
+    assert space.config_values(cfg) == {
+        "finetuning.lora.r": 32, "finetuning.lora.alpha": 64,
+        "finetuning.lora.target_modules": "q_proj,v_proj", "training.learning_rate": 1e-3,
+        "training.epochs": 2}
+    for key, outside in [("finetuning.lora.r", 16), ("finetuning.lora.alpha", 40),
+                         ("finetuning.lora.target_modules", ["v_proj"]),
+                         ("training.learning_rate", 0.05), ("training.epochs", 2.5)]:
+        assert space.config_values(apply_params(cfg, {key: outside})) is None, key
+
+
+def _fake_train(trained):
+    """Stands in for ``train``: records each trial's config and scores it 0.5."""
+    def train(cfg, **kwargs):
+        trained.append(cfg)
+        return SimpleNamespace(run_id=None, final=SimpleNamespace(scores=SimpleNamespace(wer=0.5)))
+    return train
+
+
+def test_new_study_scores_the_base_config_once_beside_the_search(tmp_path, monkeypatch):
+    trained = []
+    monkeypatch.setattr(tuning.search, "train", _fake_train(trained))
+    cfg = load_config(ROOT / "experiments" / "lora.yaml", {"tracking": {
+        "experiment_name": EXPERIMENT}})
+    base = {"finetuning.lora.r": 32, "training.learning_rate": 1e-3}
+    common = {"study_name": "warm", "storage": _storage(tmp_path), "sampler": "random",
+              "seed": 0, "pruner": "none"}
+    first = tune(cfg, LORA_SPACE, n_trials=2, **common)
+    assert first.trials[0].params == base
+    assert (trained[0].finetuning.lora.r, trained[0].training.learning_rate) == (32, 1e-3)
+    assert first.trials[1].params != base, "then the search proper"
+
+    resumed = tune(cfg, LORA_SPACE, n_trials=4, **common)
+    assert [t.params == base for t in resumed.trials] == [True, False, False, False], \
+        "a resumed study does not queue the base config again"
+    study = optuna.load_study(study_name="warm", storage=_storage(tmp_path))
+    assert [bool(t.user_attrs.get("base_config")) for t in study.trials] == [True] + [False] * 3
+
+    outside = _space(tmp_path, {"finetuning.lora.r": {"type": "categorical", "choices": [4, 8]}})
+    result = tune(cfg, outside, n_trials=2, **{**common, "study_name": "outside"})
+    study = optuna.load_study(study_name="outside", storage=_storage(tmp_path))
+    assert not any(t.user_attrs.get("base_config") for t in study.trials), \
+        "r=32 is not in the space: nothing to warm-start with"
+    assert {t.params["finetuning.lora.r"] for t in result.trials} <= {4, 8}
+
+
 def test_cli_reports_an_invalid_space_and_exits_2(tmp_path):
     space = _space(tmp_path, {"training.lr": {"type": "float", "low": 1e-5, "high": 1e-2}})
     runner = CliRunner()

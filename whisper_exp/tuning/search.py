@@ -150,6 +150,7 @@ def tune(
     seed: int | None = None,
     enqueue: Sequence[Mapping[str, Any]] = (),
     heartbeat_interval: int | None = 60,
+    warm_start: bool = True,
 ) -> StudyResult:
     """Run (or resume, or join) an Optuna study that fine-tunes ``base_cfg`` per trial.
 
@@ -157,13 +158,19 @@ def tune(
     concurrent workers may overshoot by one each), ``timeout`` this session's budget in seconds.
     Trials that raise are recorded FAIL and the study goes on; Ctrl-C stops after recording the
     interrupted trial FAIL and returns with ``interrupted=True``. ``enqueue`` queues given
-    parameter sets first (skipped if already tried). ``register_best`` registers the best
+    parameter sets first (skipped if already tried). ``warm_start``: a new study then also
+    queues ``base_cfg``'s own values of the searched keys (when they lie inside the space), so
+    the starting config is scored beside the search. ``register_best`` registers the best
     trial's model under that name with ``register_alias``.
     """
     if direction not in ("minimize", "maximize"):
         raise ConfigError(f"direction {direction!r} is not minimize or maximize")
     space = load_search_space(space_path, base_cfg)
     queued = [space.encode(params) for params in enqueue]
+    base_values = space.config_values(base_cfg) if warm_start else None
+    if warm_start and base_values is None:
+        log.info("the base config's values of %s lie outside the space: not queued as a trial",
+                 space.keys)
     if isinstance(sampler, str):
         make_sampler(sampler)  # an unknown name fails here, before the study exists
     study_pruner = make_pruner(pruner, direction) if isinstance(pruner, str) else pruner
@@ -176,7 +183,7 @@ def tune(
     study_storage = open_storage(storage, heartbeat_interval)  # a bad URL fails before MLflow
     tracking.configure(base_cfg.tracking.tracking_uri, base_cfg.tracking.experiment_name)
     study, created = open_study(name, study_storage, direction, sampler, seed, study_pruner,
-                                 fingerprint, queued)
+                                 fingerprint, queued, base_values)
     client = MlflowClient()
     experiment_id = current_experiment_id(base_cfg)
     resume_id, recorded_usable = parent_to_resume(study, created, client, experiment_id)

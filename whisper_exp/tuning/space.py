@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import types
 import typing
 from collections.abc import Mapping
@@ -55,6 +56,21 @@ class ParamSpec:
         extra = " log" if self.log else (f" step {self.step}" if self.step else "")
         return f"{self.kind} [{self.low}, {self.high}]{extra}"
 
+    def matching(self, value: Any) -> tuple[Any, ...]:
+        """``(value as this distribution suggests it,)``, or ``()`` when it cannot suggest it."""
+        if self.kind == "categorical":
+            return tuple(c for c in self.choices
+                         if c == value and isinstance(c, bool) == isinstance(value, bool))[:1]
+        if not _is_number(value) or not self.low <= value <= self.high:
+            return ()
+        if self.kind == "int" and value != int(value):
+            return ()
+        if self.step is not None:
+            steps = (value - self.low) / self.step
+            if not math.isclose(steps, round(steps), abs_tol=1e-9):
+                return ()
+        return (int(value) if self.kind == "int" else value,)
+
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"type": self.kind}
         if self.kind == "categorical":
@@ -82,6 +98,21 @@ class SearchSpace:
 
     def as_dict(self) -> dict[str, Any]:
         return {"params": {p.key: p.as_dict() for p in self.params}}
+
+    def config_values(self, cfg: ExperimentConfig) -> dict[str, Any] | None:
+        """``cfg``'s own values of the searched keys as Optuna stores them, or None when one of
+        them lies outside the space (then ``cfg`` is not a point of this search)."""
+        flat = cfg.flat()
+        values: dict[str, Any] = {}
+        for param in self.params:
+            try:
+                match = param.matching(_encode_choice(flat[param.key], param.key))
+            except SearchSpaceError:
+                return None
+            if not match:
+                return None
+            values[param.key] = match[0]
+        return values
 
     def encode(self, values: Mapping[str, Any]) -> dict[str, Any]:
         """Config-style values (lists for target_modules) -> the values Optuna stores."""

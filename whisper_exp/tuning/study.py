@@ -28,6 +28,8 @@ DEFAULT_STORAGE = "sqlite:///optuna.db"
 PRUNING_METRIC = "eval_wer"
 # Optuna study attribute: what the study's trials were run on (config and space).
 FINGERPRINT_ATTR = "whisper_exp_config_fingerprint"
+# Optuna trial attribute of the trial that scores the base config itself.
+WARM_START_ATTR = "base_config"
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none", "threshold:<value>")
@@ -193,8 +195,14 @@ def _load_or_create_study(name: str, storage: optuna.storages.BaseStorage, direc
 def open_study(name: str, storage: optuna.storages.RDBStorage, direction: str,
                 sampler: str | optuna.samplers.BaseSampler, seed: int | None,
                 pruner: optuna.pruners.BasePruner, fingerprint: str,
-                queued: Sequence[Mapping[str, Any]]) -> tuple[optuna.Study, bool]:
-    """Create, resume or join the study in its storage: (study, created by this process)."""
+                queued: Sequence[Mapping[str, Any]],
+                warm_start: Mapping[str, Any] | None = None) -> tuple[optuna.Study, bool]:
+    """Create, resume or join the study in its storage: (study, created by this process).
+
+    ``queued`` parameter sets run first (each once); ``warm_start`` (the base config's own
+    values) is queued after them, only by the process that creates the study, so the config
+    the search starts from is scored beside it exactly once.
+    """
     study, created = _load_or_create_study(name, storage, direction, make_sampler("random"),
                                            pruner)
     if isinstance(sampler, str):
@@ -212,6 +220,9 @@ def open_study(name: str, storage: optuna.storages.RDBStorage, direction: str,
         study.set_user_attr(FINGERPRINT_ATTR, fingerprint)
     for params in queued:
         study.enqueue_trial(params, skip_if_exists=True)
+    if created and warm_start is not None:
+        study.enqueue_trial(dict(warm_start), user_attrs={WARM_START_ATTR: True},
+                            skip_if_exists=True)
     if storage.get_heartbeat_interval():  # fail and requeue dead workers' trials first
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
