@@ -331,7 +331,7 @@ def train(
         if cfg.training.cache_features:
             features.cache = shared_cache(f"mel-{features.cache_namespace()}",
                                           cfg.training.cache_dir, cfg.training.cache_memory_mb,
-                                          "float32")
+                                          "float32", max_disk_gb=cfg.training.cache_max_gb)
             features.cache.reset_counters()
         encoder_cache = prepare_encoder_cache(cfg, model, [train_set, eval_set], features,
                                               device, mlf)
@@ -345,9 +345,13 @@ def train(
             max_new_tokens=cfg.evaluation.max_new_tokens,
         )
         if encoder_cache is not None:
+            # An entry evicted by training.cache_max_gb comes back as mel features and is
+            # recomputed (and stored again) by the trainer.
             trainer = CachedEncoderTrainer(
                 **trainer_kwargs, encoder_split=encoder_cache.split,
-                data_collator=CachedEncoderCollator(encoder_cache.store, start_id))
+                encoder_store=encoder_cache.store,
+                data_collator=CachedEncoderCollator(encoder_cache.store, start_id,
+                                                    features=features))
         else:
             trainer = WhisperTrainer(**trainer_kwargs,
                                      data_collator=SpeechCollator(features, start_id))
