@@ -307,3 +307,22 @@ def test_an_evicted_entry_is_recomputed_and_stored_again(tmp_path):
                                expected.last_hidden_state)
     assert store._path("b").exists(), "stored again"
     assert "encoder_prefix" in collate(items)
+
+
+def test_training_finishes_when_the_disk_cap_evicts_its_own_entries(tiny_english_path,
+                                                                   sample_dir, tmp_path,
+                                                                   monkeypatch):
+    """A cap far below the run's own cache: entries evicted between the fill and the step that
+    needs them are recomputed, not an "encoder cache lost" failure."""
+    from whisper_exp import cache as cache_module
+    from whisper_exp.training import train
+
+    monkeypatch.setattr(cache_module, "_CACHES", {})
+    cap_gb = 1.5 * 2**20 / 2**30  # 1.5 MiB: one mel array or a few encoder arrays
+    result = train(_train_cfg(tiny_english_path, sample_dir, tmp_path, cache_memory_mb=0,
+                              cache_max_gb=cap_gb, max_steps=4))
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["cache.encoder_active"] == "True"
+    assert run.data.metrics["global_steps"] == 4
+    assert run.data.metrics["cache_disk_mb"] <= 1.5
