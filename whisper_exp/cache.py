@@ -25,16 +25,17 @@ import numpy as np
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
+from whisper_exp.audio import AudioRef
+
 log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- fingerprints
 
 
-def audio_fingerprint(audio: str | os.PathLike | bytes | AudioRef) -> str:  # noqa: F821
+def audio_fingerprint(audio: str | os.PathLike | bytes | AudioRef) -> str:
     """Hash of the encoded audio file: a path, its bytes, or an ``AudioRef`` to a dataset row
     holding them all give the same key (a reference is read only now, one clip at a time)."""
-    from whisper_exp.audio import AudioRef
 
     digest = hashlib.sha256()
     if isinstance(audio, (bytes, bytearray, memoryview)):
