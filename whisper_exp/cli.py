@@ -230,8 +230,11 @@ def _number_option(value: str, option: str, cast: type[int] | type[float],
 @click.option("--register-best", default="", help="Register the best trial's model under this "
               "name.")
 @click.option("--register-alias", default="", help="Alias for that version (default challenger).")
+@click.option("--warm-start/--no-warm-start", default=True, show_default=True,
+              help="A new study also scores the config's own values of the searched keys "
+              "(when they lie inside the space).")
 def tune(config_path, sets, space, n_trials, timeout, study_name, storage, direction, sampler,
-         pruner, seed, register_best, register_alias, **named):
+         pruner, seed, register_best, register_alias, warm_start, **named):
     """Optuna search over the config (LoRA rank, learning rate, ...), one nested run per trial."""
     from whisper_exp import tuning
 
@@ -249,6 +252,7 @@ def tune(config_path, sets, space, n_trials, timeout, study_name, storage, direc
             seed=_number_option(seed, "--seed", int, None),
             register_best=register_best or None,
             register_alias=register_alias or "challenger",
+            warm_start=warm_start,
         )
     except tuning.TuningError as exc:
         click.echo(f"error: {exc}", err=True)
