@@ -77,3 +77,19 @@ def test_sets_string_errors_are_clear():
     assert "error: unknown key(s) ['training.batch_sise']" in unknown.output
     unbalanced = CliRunner().invoke(main, ["train", "--sets", "tracking.run_name='open"])
     assert unbalanced.exit_code == 2 and "Invalid value for --sets" in unbalanced.output
+
+
+@pytest.mark.parametrize("flag, expected", [([], True), (["--no-warm-start"], False)])
+def test_tune_warm_start_flag_reaches_the_study(monkeypatch, flag, expected):
+    from whisper_exp import tuning
+
+    seen = {}
+
+    def fake_tune(cfg, space, **kwargs):
+        seen.update(kwargs)
+        raise tuning.TuningError("stop here")
+
+    monkeypatch.setattr(tuning, "tune", fake_tune)
+    result = CliRunner().invoke(main, ["tune", *flag])
+    assert result.exit_code == 2 and "stop here" in result.output
+    assert seen["warm_start"] is expected
