@@ -43,6 +43,9 @@ class Example:
     name: str
     speaker: str | None = None
     where: str = ""  # "metadata.csv line 7": where a user finds this row
+    # Every other column of the row (metadata.csv or scalar dataset columns) as text, e.g.
+    # speaker, age, gender: the report slices WER by them.
+    metadata: dict[str, str] = field(default_factory=dict)
 
     def as_row(self) -> dict[str, Any]:
         return {"file": self.name, "speaker": self.speaker or "", "transcription": self.text}
@@ -137,6 +140,8 @@ def _read_metadata_csv(folder: Path, allow_outside: bool = False) -> LoadedData:
             name=name,
             speaker=(row.get("speaker") or "").strip() or None,
             where=where,
+            metadata={key: (value or "").strip() for key, value in row.items()
+                      if key and key not in REQUIRED_COLUMNS},
         ))
     return LoadedData(examples, problems)
 
@@ -276,8 +281,12 @@ def _read_hf_dataset(source: str, split: str, cfg: DataConfig) -> LoadedData:
         loaded = loaded.cast_column(cfg.audio_column, datasets.Audio(decode=False))
     has_speaker = cfg.speaker_column in loaded.column_names
     audio_rows = loaded.select_columns([cfg.audio_column]).with_format("arrow")
+    scalar_columns = [name for name, feature in loaded.features.items()
+                      if isinstance(feature, (datasets.Value, datasets.ClassLabel))
+                      and name not in (cfg.audio_column, cfg.text_column)]
     text_rows = loaded.select_columns(
-        [cfg.text_column] + ([cfg.speaker_column] if has_speaker else [])).with_format(None)
+        [cfg.text_column] + ([cfg.speaker_column] if has_speaker else [])
+        + [c for c in scalar_columns if c != cfg.speaker_column]).with_format(None)
     examples, problems = [], []
     for first in range(0, len(loaded), _HF_BATCH_ROWS):
         rows = range(first, min(first + _HF_BATCH_ROWS, len(loaded)))
@@ -296,9 +305,22 @@ def _read_hf_dataset(source: str, split: str, cfg: DataConfig) -> LoadedData:
                 problems.append(Problem(where, "<audio>", "audio column holds no path or bytes"))
                 continue
             speaker = str(columns[cfg.speaker_column][offset]) if has_speaker else None
+            metadata = {c: _metadata_text(loaded.features[c], columns[c][offset])
+                        for c in scalar_columns}
             examples.append(Example(audio, str(columns[cfg.text_column][offset] or "").strip(),
-                                    name, speaker, where))
+                                    name, speaker, where, metadata))
     return LoadedData(examples, problems)
+
+
+def _metadata_text(feature, value) -> str:
+    """A dataset cell as metadata.csv would hold it: a class label by its name."""
+    import datasets
+
+    if value is None:
+        return ""
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.int2str(value)
+    return str(value)
 
 
 def read_source(source: str | Path, cfg: DataConfig, hf_split: str | None = None) -> LoadedData:
