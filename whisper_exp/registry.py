@@ -18,11 +18,15 @@ import logging
 import shutil
 import tempfile
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import mlflow
+from mlflow.entities import LoggedModel
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from mlflow.models.model import ModelInfo
 from mlflow.tracking import MlflowClient
 
 from whisper_exp.export import (
@@ -48,6 +52,14 @@ CTRANSLATE2_SERVING_DISTRIBUTIONS = ("mlflow", "numpy", "pandas", "soundfile", "
                                      "ctranslate2", "faster-whisper", "transformers")
 # Metrics whose values also go into the version's description (all metrics become tags).
 HEADLINE_METRICS = ("wer", "cer", "base_wer", "wer_delta")
+# MLflow's system metrics sampler (CPU, memory, GPU) logs under this prefix: not model facts.
+SYSTEM_METRIC_PREFIX = "system/"
+# The LoggedModel each `train` run logs, and the tags saying how a logged pyfunc was packaged.
+TRAINED_MODEL_NAME = "whisper"
+MODEL_TYPE = "speech-to-text"
+PACKAGING_TAG = "whisper_exp.packaging"
+BACKEND_TAG = "whisper_exp.backend"
+BASE_MODEL_TAG = "whisper_exp.base_model"
 
 
 class RegistryError(ValueError):
@@ -101,6 +113,83 @@ def _merged_copy(adapter_dir: Path, out_dir: Path) -> dict:
     return meta
 
 
+def _log_pyfunc(staged: Path, model_name: str, *, source_run_id: str, packaging: str,
+                base_model: str | None, backend: str, precision: str, adapter_only: bool,
+                registered_model_name: str | None = None,
+                params: Mapping[str, Any] | None = None) -> ModelInfo:
+    """Log ``staged`` (a folder named ``model``) as the serving pyfunc, a LoggedModel of the
+    active run, tagged with how it was packaged."""
+    with warnings.catch_warnings():
+        # No input example on purpose: validating one would load the model and decode audio
+        # at logging time; the explicit signature already describes the input.
+        warnings.filterwarnings("ignore", message=".*input example was not provided.*")
+        return mlflow.pyfunc.log_model(
+            name=model_name,
+            python_model=str(MODEL_CODE),
+            artifacts={MODEL_ARTIFACT: str(staged)},
+            code_paths=[str(PACKAGE_DIR)],
+            signature=SIGNATURE,
+            pip_requirements=serving_requirements(adapter_only, backend),
+            registered_model_name=registered_model_name,
+            metadata={"whisper_exp": {"source_run_id": source_run_id, "packaging": packaging,
+                                      "base_model": base_model, "backend": backend,
+                                      "precision": precision}},
+            params={k: "" if v is None else str(v) for k, v in (params or {}).items()},
+            tags={PACKAGING_TAG: packaging, BACKEND_TAG: backend,
+                  **({BASE_MODEL_TAG: base_model} if base_model else {})},
+            model_type=MODEL_TYPE,
+        )
+
+
+def _model_metadata(model_dir: Path) -> tuple[bool, str | None]:
+    """(is a LoRA adapter, base model it needs)."""
+    is_adapter = (model_dir / ADAPTER_CONFIG).exists()
+    meta_file = model_dir / METADATA_FILE
+    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+    base_model = meta.get("base_model")
+    if is_adapter and not base_model:
+        adapter_cfg = json.loads((model_dir / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+        base_model = adapter_cfg.get("base_model_name_or_path")
+    return is_adapter, base_model
+
+
+def log_trained_model(model_dir: Path, params: Mapping[str, Any] | None = None) -> ModelInfo:
+    """The active `train` run's model as its LoggedModel: the pyfunc ``register`` ships.
+
+    A LoRA/QLoRA run logs its adapter only (megabytes; serving loads the base it records), so
+    a study of many trials does not store a merged full copy per trial; ``register`` merges
+    when it registers. A full fine-tune logs the model itself.
+    """
+    run_id = mlflow.active_run().info.run_id
+    is_adapter, base_model = _model_metadata(model_dir)
+    packaging = "adapter only" if is_adapter else "full model"
+    with tempfile.TemporaryDirectory(prefix="whisper-exp-model-") as tmp:
+        staged = model_dir
+        if model_dir.name != MODEL_ARTIFACT:  # MLflow names the artifact after the folder
+            staged = Path(tmp) / MODEL_ARTIFACT
+            shutil.copytree(model_dir, staged)
+        return _log_pyfunc(staged, TRAINED_MODEL_NAME, source_run_id=run_id,
+                           packaging=packaging, base_model=base_model, backend="transformers",
+                           precision="float32", adapter_only=is_adapter, params=params)
+
+
+def trained_model(run_id: str) -> LoggedModel | None:
+    """The LoggedModel `train` logged for ``run_id`` (None for runs from before it did)."""
+    experiment_id = MlflowClient().get_run(run_id).info.experiment_id
+    found = mlflow.search_logged_models(
+        experiment_ids=[experiment_id],
+        filter_string=f"source_run_id = '{run_id}' AND name = '{TRAINED_MODEL_NAME}'",
+        output_format="list", max_results=1,
+        order_by=[{"field_name": "creation_timestamp", "ascending": False}])
+    return found[0] if found else None
+
+
+def _ships_as_is(model: LoggedModel, backend: str, adapter_only: bool) -> bool:
+    packaging = model.tags.get(PACKAGING_TAG)
+    return backend == "transformers" and (
+        packaging == "full model" or (packaging == "adapter only" and adapter_only))
+
+
 def _metric_text(value: float) -> str:
     """Counts stay exact (``38350080``, not ``3.83501e+07``); rates keep 6 digits."""
     return str(int(value)) if float(value).is_integer() else f"{value:.6g}"
@@ -136,31 +225,17 @@ def check_backend_options(backend: str, quantization: str | None, adapter_only: 
         raise RegistryError(str(exc)) from None
 
 
-def register_run(run_id: str, name: str = DEFAULT_NAME, alias: str | None = None,
-                 adapter_only: bool = False, backend: str = "transformers",
-                 quantization: str | None = None) -> ModelVersion:
-    """Log the run's model as a pyfunc into that run, register it under ``name`` and link the
-    run's metrics (as version tags and in the description); ``alias`` is moved to the new
-    version.
-
-    ``backend="ctranslate2"`` registers a CTranslate2 conversion of the (merged, fp32) model
-    with weights in ``quantization`` (e.g. ``int8``; default float32), served by faster-whisper.
-    """
-    precision = check_backend_options(backend, quantization, adapter_only)
-    client = MlflowClient()
-    run = _checked_run(client, run_id)
+def _package_run_artifact(run_id: str, name: str, *, backend: str, adapter_only: bool,
+                          precision: str, quantization: str | None) -> tuple[str, str, str | None]:
+    """The run's ``model/`` folder -> a new pyfunc LoggedModel of the run (merged adapter,
+    CTranslate2 conversion, or a run logged before train logged its own model), registered
+    under ``name``; returns (version, packaging, base model)."""
     with tempfile.TemporaryDirectory(prefix="whisper-exp-register-") as tmp:
         downloaded = Path(mlflow.artifacts.download_artifacts(
             run_id=run_id, artifact_path="model", dst_path=str(Path(tmp) / "download")))
         # MLflow names the artifact folder after the source folder: keep it "model".
         staged = Path(tmp) / "stage" / MODEL_ARTIFACT
-        is_adapter = (downloaded / ADAPTER_CONFIG).exists()
-        meta_file = downloaded / METADATA_FILE
-        meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
-        base_model = meta.get("base_model")
-        if is_adapter and not base_model:
-            adapter_cfg = json.loads((downloaded / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-            base_model = adapter_cfg.get("base_model_name_or_path")
+        is_adapter, base_model = _model_metadata(downloaded)
         if backend == "ctranslate2":
             log.info("converting run %s's model to CTranslate2 (%s)", run_id, precision)
             merged = Path(tmp) / "merged"
@@ -195,32 +270,48 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, alias: str | None = None
         if resume:
             mlflow.start_run(run_id=run_id, nested=active is not None)
         try:
-            with warnings.catch_warnings():
-                # No input example on purpose: validating one would load the model and decode
-                # audio at registration; the explicit signature already describes the input.
-                warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-                info = mlflow.pyfunc.log_model(
-                    name="registered_model",
-                    python_model=str(MODEL_CODE),
-                    artifacts={MODEL_ARTIFACT: str(staged)},
-                    code_paths=[str(PACKAGE_DIR)],
-                    signature=SIGNATURE,
-                    pip_requirements=serving_requirements(is_adapter and adapter_only, backend),
-                    registered_model_name=name,
-                    metadata={"whisper_exp": {"source_run_id": run_id, "packaging": packaging,
-                                              "base_model": base_model, "backend": backend,
-                                              "precision": precision}},
-                )
+            info = _log_pyfunc(staged, "registered_model", source_run_id=run_id,
+                               packaging=packaging, base_model=base_model, backend=backend,
+                               precision=precision, adapter_only=is_adapter and adapter_only,
+                               registered_model_name=name)
         finally:
             if resume:
                 mlflow.end_run()
-        version = str(info.registered_model_version)
+        return str(info.registered_model_version), packaging, base_model
+
+
+
+def register_run(run_id: str, name: str = DEFAULT_NAME, alias: str | None = None,
+                 adapter_only: bool = False, backend: str = "transformers",
+                 quantization: str | None = None) -> ModelVersion:
+    """Log the run's model as a pyfunc into that run, register it under ``name`` and link the
+    run's metrics (as version tags and in the description); ``alias`` is moved to the new
+    version.
+
+    ``backend="ctranslate2"`` registers a CTranslate2 conversion of the (merged, fp32) model
+    with weights in ``quantization`` (e.g. ``int8``; default float32), served by faster-whisper.
+    """
+    precision = check_backend_options(backend, quantization, adapter_only)
+    client = MlflowClient()
+    run = _checked_run(client, run_id)
+    trained = trained_model(run.info.run_id)
+    if trained is not None and _ships_as_is(trained, backend, adapter_only):
+        # The pyfunc `train` logged is already what was asked for: register it, no copy.
+        packaging = trained.tags[PACKAGING_TAG]
+        base_model = trained.tags.get(BASE_MODEL_TAG) or None
+        version = str(mlflow.register_model(trained.model_uri, name).version)
+        client.set_model_version_tag(name, version, "logged_model_id", trained.model_id)
+    else:
+        version, packaging, base_model = _package_run_artifact(
+            run_id, name, backend=backend, adapter_only=adapter_only, precision=precision,
+            quantization=quantization)
 
     tags = {"source_run_id": run_id, "packaging": packaging, "backend": backend,
             "precision": precision,
             "strategy": run.data.params.get("finetuning.strategy", ""),
             **({"base_model": base_model} if base_model else {}),
-            **{key: _metric_text(value) for key, value in run.data.metrics.items()}}
+            **{key: _metric_text(value) for key, value in run.data.metrics.items()
+               if not key.startswith(SYSTEM_METRIC_PREFIX)}}
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     client.update_model_version(name, version,

@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import torch
 
+from whisper_exp.run_page import mark_model_training_experiment
+
 if TYPE_CHECKING:
     from accelerate import PartialState
 
@@ -48,14 +50,30 @@ def _is_pruned_trial(exc: BaseException) -> bool:
     return optuna is not None and isinstance(exc, optuna.TrialPruned)
 
 
+# Seconds between samples of MLflow's system metrics sampler (its default, 10, leaves a short
+# CI run with no point at all: the sampler logs nothing for a sample it has not finished).
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL still overrides it.
+SYSTEM_METRICS_INTERVAL_S = 2.0
+
+
 @contextlib.contextmanager
 def run(run_name: str | None = None, nested: bool = False,
         tags: Mapping[str, str] | None = None,
-        run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+        run_id: str | None = None,
+        log_system_metrics: bool | None = None) -> Iterator[mlflow.ActiveRun]:
     """Start (or resume: ``run_id``, or ``mlflow run``'s) a run that ends KILLED on Ctrl-C or an
-    Optuna prune (tagged ``optuna.trial_state=PRUNED``), FAILED on any other error."""
+    Optuna prune (tagged ``optuna.trial_state=PRUNED``), FAILED on any other error.
+
+    ``log_system_metrics`` (None: as MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING says) samples CPU,
+    memory, disk, network (and GPU with nvidia-ml-py) into ``system/...`` metrics while the run
+    is open. The run's experiment opens in the UI's model
+    training views."""
+    if log_system_metrics and not os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL_S)
     active = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
-                              nested=nested, tags=dict(tags or {}))
+                              nested=nested, tags=dict(tags or {}),
+                              log_system_metrics=log_system_metrics)
+    mark_model_training_experiment(active.info.experiment_id)
     try:
         yield active
     except KeyboardInterrupt:
