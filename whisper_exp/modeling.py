@@ -31,6 +31,7 @@ from whisper_exp.config import (
 )
 from whisper_exp.ctranslate2_backend import is_ctranslate2_model
 from whisper_exp.decoding import METADATA_FILE
+from whisper_exp.safety import check_model_folder, use_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +114,9 @@ def load_base(cfg: ModelConfig, finetuning: FinetuningConfig | None = None,
     """Base model in fp32 (fp16 checkpoints are upcast: fp16 training on CPU is unstable),
     or 4-bit NF4 for QLoRA."""
     device = device or default_device()
+    check_model_folder(cfg.name)
     processor = WhisperProcessor.from_pretrained(cfg.name)
-    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    kwargs: dict[str, Any] = {"dtype": torch.float32, "use_safetensors": use_safetensors()}
     if finetuning is not None and finetuning.strategy == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -288,6 +290,7 @@ def load_for_inference(reference: str, device: torch.device | None = None,
                       "with backend ctranslate2): it runs in faster-whisper, not transformers; "
                       "use the run it came from (runs:/<run_id>, the version's source_run_id "
                       "tag) or a version registered with the transformers backend")
+    check_model_folder(local)  # peft has no safetensors-only switch: this is the adapter's check
     meta = {}
     if (local / METADATA_FILE).exists():
         meta = json.loads((local / METADATA_FILE).read_text(encoding="utf-8"))
@@ -296,10 +299,13 @@ def load_for_inference(reference: str, device: torch.device | None = None,
 
         adapter_cfg = json.loads((local / ADAPTER_CONFIG).read_text(encoding="utf-8"))
         base_name = meta.get("base_model") or adapter_cfg["base_model_name_or_path"]
-        base = WhisperForConditionalGeneration.from_pretrained(base_name, dtype=torch.float32)
+        check_model_folder(base_name)
+        base = WhisperForConditionalGeneration.from_pretrained(
+            base_name, dtype=torch.float32, use_safetensors=use_safetensors())
         model = PeftModel.from_pretrained(base, str(local)).merge_and_unload()
     else:
-        model = WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32)
+        model = WhisperForConditionalGeneration.from_pretrained(
+            path, dtype=torch.float32, use_safetensors=use_safetensors())
     processor = WhisperProcessor.from_pretrained(path)
     if (local / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path)
