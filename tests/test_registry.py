@@ -169,3 +169,41 @@ def test_runs_that_cannot_be_registered_say_why(tmp_path):
 def test_train_alias_needs_register():
     result = CliRunner().invoke(main, ["train", "--alias", "champion"])
     assert result.exit_code == 2 and "--alias needs --register NAME" in result.output
+
+
+def test_register_uses_the_logged_model_train_logged(tiny_english_path, sample_dir, tmp_path):
+    """No re-packaging: the version is the run's own LoggedModel, with today's tags."""
+    from whisper_exp.config import load_config
+    from whisper_exp.registry import PACKAGING_TAG, trained_model
+    from whisper_exp.training import train
+
+    result = train(load_config(None, {
+        "model": {"name": str(tiny_english_path)},
+        "data": {"train": str(sample_dir), "max_eval_samples": 2, "max_train_samples": 2},
+        "finetuning": {"strategy": "full"},
+        "training": {"max_steps": 1, "batch_size": 2, "output_dir": str(tmp_path / "out")},
+        "evaluation": {"batch_size": 2, "max_new_tokens": 4},
+        "tracking": {"experiment_name": "test", "system_metrics": False},
+    }))
+    logged = trained_model(result.run_id)
+    assert logged.tags[PACKAGING_TAG] == "full model"
+    version = register_run(result.run_id, alias="champion")
+    assert version.source == logged.model_uri and version.run_id == result.run_id
+    assert version.tags["logged_model_id"] == logged.model_id
+    assert version.tags["packaging"] == "full model" and version.tags["strategy"] == "full"
+    assert "wer" in version.tags and "wer" in version.description
+    models = mlflow.search_logged_models(experiment_ids=[mlflow.get_run(
+        result.run_id).info.experiment_id], output_format="list")
+    assert len(models) == 1, "registering did not log a second copy"
+    local = Path(resolve_model_reference("models:/whisper-exp@champion"))
+    assert (local / "model.safetensors").exists()
+
+
+def test_old_run_with_only_a_model_folder_still_registers(tiny_english_path):
+    """Runs logged before train logged a LoggedModel: packaged from their ``model/`` folder."""
+    run_id = _model_run(tiny_english_path, {"wer": 0.5})
+    version = register_run(run_id)
+    assert version.tags["packaging"] == "full model" and "logged_model_id" not in version.tags
+    assert version.run_id == run_id
+    model, _ = load_for_inference("models:/whisper-exp/1", torch.device("cpu"))
+    assert model.config.d_model == 64
