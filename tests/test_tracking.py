@@ -27,9 +27,17 @@ def test_finished_run():
     assert run.info.status == "FINISHED" and run.data.params == {"a": "", "b": "1"}
 
 
-def test_peak_memory_on_cpu_is_process_rss():
+def test_peak_memory_on_cpu_is_the_process_peak_rss_in_mib():
+    """Between the current RSS and the kernel's lifetime maximum, in MiB (not KiB or bytes)."""
+    import resource
+
+    status = dict(line.split(":", 1)
+                  for line in Path("/proc/self/status").read_text().splitlines())
+    rss_mb = int(status["VmRSS"].split()[0]) / 1024
     mb, kind = tracking.peak_memory_mb(torch.device("cpu"))
-    assert kind == "process_peak_rss" and mb > 10
+    lifetime_max_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    assert kind == "process_peak_rss"
+    assert rss_mb <= mb <= lifetime_max_mb + 1, (rss_mb, mb, lifetime_max_mb)
 
 
 # --------------------------------------------------------------------------- run pages
@@ -139,3 +147,36 @@ def test_system_metrics_off_by_config(tiny_english_path, sample_dir, tmp_path):
     result = train(_train_cfg(tiny_english_path, sample_dir, tmp_path, system_metrics=False))
     metrics = mlflow.get_run(result.run_id).data.metrics
     assert "wer" in metrics and not any(k.startswith("system/") for k in metrics)
+
+
+def test_evaluate_run_logs_its_dataset_and_description(tiny_english_path, says_the_path,
+                                                       sample_dir):
+    from whisper_exp.config import load_config
+    from whisper_exp.evaluation import run_evaluation
+
+    cfg = load_config(None, {"data": {"max_eval_samples": 2},
+                             "evaluation": {"batch_size": 2, "max_new_tokens": 4}})
+    report = run_evaluation(str(says_the_path), str(sample_dir), cfg,
+                            compare_with=str(tiny_english_path))
+    run = mlflow.get_run(report.run_id)
+    [only] = run.inputs.dataset_inputs
+    assert only.tags[0].value == "evaluation" and only.dataset.name == "sample"
+    assert json.loads(only.dataset.profile)["utterances"] == 2
+    description = run.data.tags["mlflow.note.content"]
+    base, tuned = run.data.metrics["base_wer"], run.data.metrics["wer"]
+    assert f"{100 * base:.2f}% → {100 * tuned:.2f}%" in description
+    assert str(tiny_english_path) in description
+
+
+def test_mlflow_run_without_experiment_name_says_where_the_run_went(monkeypatch, caplog):
+    """`mlflow run` picks the experiment before our code runs: configure cannot move the run,
+    so it says so instead of silently leaving it in Default."""
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", "0")
+    with caplog.at_level("WARNING", logger="whisper_exp.tracking"):
+        tracking.configure(None, "whisper-exp")
+    assert "--experiment-name whisper-exp" in caplog.text
+    assert mlflow.get_experiment_by_name("whisper-exp") is None, "nothing created elsewhere"
+    caplog.clear()
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_ID", mlflow.create_experiment("whisper-exp"))
+    tracking.configure(None, "whisper-exp")
+    assert "--experiment-name" not in caplog.text

@@ -196,6 +196,23 @@ def log_training_datasets(data_cfg: Any, split: Any, train_set: Any, eval_set: A
     return corpora
 
 
+def log_evaluation_dataset(source: str, data_cfg: Any, split: Any) -> SpeechCorpus:
+    """The dataset of an `evaluate` run (``load_eval_only``'s split), logged as its
+    "evaluation" input."""
+    from whisper_exp.audio import probe
+    from whisper_exp.cache import audio_fingerprint
+
+    examples = split.eval
+    corpus = speech_corpus(
+        examples, source=source, hf_split=data_cfg.eval_split_name or data_cfg.train_split_name,
+        role="", audio_keys=[audio_fingerprint(e.audio) for e in examples],
+        seconds=sum(probe(e.audio).duration_s for e in examples),
+        text_case=text_case_applied(data_cfg.text_case, split.notices),
+        rows_skipped=len(split.skipped))
+    log_dataset(corpus, "evaluation")
+    return corpus
+
+
 # Final metrics of a train run that describe the model on its eval set (linked to both).
 EVAL_METRICS = ("wer", "cer", "eval_rtfx")
 

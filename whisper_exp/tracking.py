@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import logging
 import os
 import resource
 import subprocess
@@ -29,6 +30,8 @@ from whisper_exp.run_page import mark_model_training_experiment
 if TYPE_CHECKING:
     from accelerate import PartialState
 
+log = logging.getLogger(__name__)
+
 PROJECT_NAME = "whisper-exp"
 
 
@@ -36,11 +39,29 @@ def configure(tracking_uri: str | None, experiment_name: str | None) -> None:
     """Point MLflow at a server/DB (else its default: ``sqlite:///mlflow.db`` here)."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    # Under `mlflow run` the experiment is already chosen by the launcher; under torchrun only
-    # rank 0 may touch the tracking store.
-    if experiment_name and process_rank() == 0 and not os.environ.get("MLFLOW_RUN_ID") \
-            and not os.environ.get("MLFLOW_EXPERIMENT_ID"):
+    # Under `mlflow run` the experiment is already chosen by the launcher (its run exists before
+    # this code starts, and MLflow cannot move a run); under torchrun only rank 0 may touch the
+    # tracking store.
+    if not experiment_name or process_rank() != 0:
+        return
+    launched = os.environ.get("MLFLOW_EXPERIMENT_ID")
+    if launched:
+        _warn_if_elsewhere(launched, experiment_name)
+    elif not os.environ.get("MLFLOW_RUN_ID"):
         mlflow.set_experiment(experiment_name)
+
+
+def _warn_if_elsewhere(experiment_id: str, experiment_name: str) -> None:
+    """`mlflow run` without --experiment-name puts the run in Default, whatever the config says:
+    say so where the user looks, rather than let the run go missing."""
+    try:
+        actual = mlflow.get_experiment(experiment_id).name
+    except mlflow.exceptions.MlflowException:
+        return
+    if actual != experiment_name:
+        log.warning("this run is in experiment %r, chosen by `mlflow run`, not in %r as the "
+                    "config says; pass `mlflow run --experiment-name %s` to put it there",
+                    actual, experiment_name, experiment_name)
 
 
 def _is_pruned_trial(exc: BaseException) -> bool:
