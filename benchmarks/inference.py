@@ -7,7 +7,7 @@ Run (not in CI; about 8 minutes on 2 CPU cores for the 260 dev utterances):
 
 One model (``--model``: hub name, folder, ``runs:/<id>``, ``models:/<name>@<alias>``; adapters
 merged into their base, fp32) is scored the same way in every row:
-(a) transformers fp32, batched greedy decoding (``whisper_exp.evaluation.transcribe_arrays``:
+(a) transformers fp32, batched greedy decoding (``whisper_exp.generation.transcribe_arrays``:
     length-sorted batches, SDPA attention);
 (b) faster-whisper, direct, on the model exported once to CTranslate2 int8 and float32
     (``whisper_exp.export``), one clip at a time (``transcribe_with_faster_whisper``);
@@ -120,7 +120,7 @@ def run_direct(name: str, model_dir: Path, data: Path, limit: int | None, batch_
     if name == "transformers":
         import torch
 
-        from whisper_exp.evaluation import transcribe_arrays
+        from whisper_exp.generation import transcribe_arrays
         from whisper_exp.modeling import load_for_inference
 
         model, processor = load_for_inference(str(model_dir), torch.device("cpu"))
