@@ -15,6 +15,8 @@ import click
 
 from whisper_exp.config import ConfigError, resolve_config
 from whisper_exp.data import DataError
+from whisper_exp.preflight import PreflightError, check_database, check_tracking_uri
+from whisper_exp.safety import UnsafeModelError, WeightsMismatchError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -32,7 +34,8 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except (ConfigError, DataError) as exc:
+        except (ConfigError, DataError, PreflightError, UnsafeModelError,
+                WeightsMismatchError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
 
@@ -114,9 +117,12 @@ def train(config_path, sets, register_name, alias, resume_run_id, **named):
     if alias and not register_name:
         raise click.UsageError("--alias needs --register NAME")
     if resume_run_id:
+        check_tracking_uri(named.get("tracking_uri") or None)
         result = resume(resume_run_id, named.get("tracking_uri") or None)
     else:
-        result = run_training(resolve_config(config_path or None, named, sets))
+        cfg = resolve_config(config_path or None, named, sets)
+        check_tracking_uri(cfg.tracking.tracking_uri)
+        result = run_training(cfg)
     if result.final is None:  # a non-main rank under torchrun: rank 0 reports and registers
         return
     click.echo(f"run_id={result.run_id} wer={result.final.scores.wer:.4f} "
@@ -139,6 +145,7 @@ def evaluate(config_path, sets, model, data, compare_with, **named):
     from whisper_exp.evaluation import run_evaluation
 
     cfg = resolve_config(config_path or None, named, sets)
+    check_tracking_uri(cfg.tracking.tracking_uri)
     report = run_evaluation(model, data, cfg, compare_with=compare_with or None)
     for prefix, result in report.results.items():
         label = "base" if prefix else "model"
@@ -239,6 +246,8 @@ def tune(config_path, sets, space, n_trials, timeout, study_name, storage, direc
     from whisper_exp import tuning
 
     cfg = resolve_config(config_path or None, named, sets)
+    check_tracking_uri(cfg.tracking.tracking_uri)
+    check_database(storage or tuning.DEFAULT_STORAGE, "Optuna storage")
     try:
         result = tuning.tune(
             cfg, space or tuning.DEFAULT_SPACE,
@@ -298,6 +307,7 @@ def register(run_id, name, alias, adapter_only, backend, quantization, tracking_
     from whisper_exp import tracking
 
     tracking.configure(tracking_uri or None, None)
+    check_tracking_uri(tracking_uri or None)
     _register_and_report(run_id, name, alias, adapter_only, backend, quantization)
 
 
