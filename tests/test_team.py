@@ -4,6 +4,7 @@ import base64
 from pathlib import Path
 
 import mlflow
+import pandas as pd
 import pytest
 import requests
 from mlflow.tracking import MlflowClient
@@ -26,10 +27,10 @@ def tracking_server(postgres_url, tmp_path, monkeypatch):
         yield url
 
 
-def test_train_evaluate_register_against_postgres_server(tracking_server, tiny_english_path,
+def test_train_evaluate_register_against_postgres_server(tracking_server, says_the_path,
                                                          sample_dir, tmp_path):
     cfg = load_config(None, {
-        "model": {"name": str(tiny_english_path)},
+        "model": {"name": str(says_the_path)},
         "data": {"train": str(sample_dir), "max_eval_samples": 2},
         "training": {"max_steps": 2, "batch_size": 2, "output_dir": str(tmp_path / "out"),
                      "cache_dir": str(tmp_path / "cache")},
@@ -53,10 +54,13 @@ def test_train_evaluate_register_against_postgres_server(tracking_server, tiny_e
     version = register_run(result.run_id, name="team-whisper", alias="champion")
     assert MlflowClient().get_model_version_by_alias("team-whisper", "champion").version \
         == version.version
-    clip = sample_dir / "096090015.flac"
+    clip = base64.b64encode((sample_dir / "096090015.flac").read_bytes()).decode()
     with model_server("models:/team-whisper@champion", tmp_path / "serve.log",
                       cwd=tmp_path) as (url, _):
         answer = requests.post(f"{url}/invocations", timeout=120, json={
-            "dataframe_records": [{"audio": base64.b64encode(clip.read_bytes()).decode()}]})
+            "dataframe_records": [{"audio": clip}]})
     assert answer.status_code == 200, answer.text
-    assert isinstance(answer.json()["predictions"][0]["text"], str)
+    served = answer.json()["predictions"][0]["text"]
+    registered = mlflow.pyfunc.load_model("models:/team-whisper@champion")
+    assert served == registered.predict(pd.DataFrame({"audio": [clip]}))["text"][0]
+    assert set(served.split()) == {"the"}, "says_the's transcript, through the server"
