@@ -328,6 +328,8 @@ def register(run_id, name, alias, adapter_only, backend, quantization, tracking_
               "(default: the model's own).")
 @click.option("--timestamps", is_flag=True, help="Timed segments for clips up to 30 s too "
               "(on for json/srt/vtt; recordings over 30 s always have them).")
+@click.option("--word-timestamps", is_flag=True, help="Word timings (cross-attention "
+              "alignment): json gets 'words', srt/vtt one cue per word.")
 @click.option("--condition-on-prev-tokens/--no-condition-on-prev-tokens", default=True,
               show_default=True, help="Long-form: give each 30 s window the previous "
               "window's text.")
@@ -341,8 +343,8 @@ def register(run_id, name, alias, adapter_only, backend, quantization, tracking_
               "folder or a .txt beside the audio).")
 @click.option("--tracking-uri", default="", help="MLflow tracking URI for runs:/ and models:/.")
 def transcribe(paths, model, recursive, fmt, output_dir, batch_size, num_beams, language,
-               timestamps, condition_on_prev_tokens, temperature_fallback, max_new_tokens,
-               compare_with, tracking_uri):
+               timestamps, word_timestamps, condition_on_prev_tokens, temperature_fallback,
+               max_new_tokens, compare_with, tracking_uri):
     """Transcribe audio files and folders; recordings over 30 s use long-form generation."""
     from whisper_exp import comparison, tracking
     from whisper_exp import transcribe as tx
@@ -353,7 +355,8 @@ def transcribe(paths, model, recursive, fmt, output_dir, batch_size, num_beams, 
         batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens,
         return_timestamps=timestamps or fmt in ("json", "srt", "vtt"),
         condition_on_prev_tokens=condition_on_prev_tokens,
-        temperature_fallback=temperature_fallback, language=language or None)
+        temperature_fallback=temperature_fallback, language=language or None,
+        word_timestamps=word_timestamps)
     try:
         if compare_with:
             compared = comparison.compare_models(paths, model, compare_with,
@@ -377,6 +380,47 @@ def transcribe(paths, model, recursive, fmt, output_dir, batch_size, num_beams, 
     if failed:
         click.echo(f"{len(failed)} of {len(transcripts)} file(s) failed", err=True)
         sys.exit(1)
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("model_ref")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on "
+              "(0.0.0.0 exposes the server to the network; set --api-key then).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Server processes, each with its own copy of the model.")
+@click.option("--api-key", default="", envvar="WHISPER_EXP_API_KEY", help="Require "
+              "'Authorization: Bearer <key>' on /v1/ (default $WHISPER_EXP_API_KEY; none: open).")
+@click.option("--max-upload-mb", default=25.0, show_default=True,
+              type=click.FloatRange(min=0, min_open=True), help="Largest audio file accepted.")
+@click.option("--max-batch-size", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Most concurrent clips decoded together.")
+@click.option("--batch-wait-ms", default=15.0, show_default=True, type=click.FloatRange(min=0),
+              help="How long the first clip of a batch waits for others to join it.")
+@click.option("--served-model-name", default="", help="Model id listed by /v1/models "
+              "(default: MODEL_REF).")
+@click.option("--compute-type", default="default", show_default=True, help="CTranslate2 "
+              "exports: int8 | float32 | ... (default: the precision it was exported with).")
+@click.option("--tracking-uri", default="", help="MLflow tracking URI for runs:/ and models:/.")
+def serve(model_ref, host, port, workers, api_key, max_upload_mb, max_batch_size,
+          batch_wait_ms, served_model_name, compute_type, tracking_uri):
+    """Serve MODEL_REF (folder, CTranslate2 export, runs:/..., models:/name@alias) with
+    OpenAI's transcription API: POST /v1/audio/transcriptions, GET /v1/models, GET /health."""
+    from whisper_exp import tracking
+    from whisper_exp.decoding import TranscribeError
+    from whisper_exp.openai_server import ServeSettings
+    from whisper_exp.openai_server import serve as run_server
+
+    tracking.configure(tracking_uri or None, None)
+    settings = ServeSettings(model=model_ref, served_name=served_model_name,
+                             api_key=api_key or None, max_upload_mb=max_upload_mb,
+                             max_batch_size=max_batch_size, max_wait_ms=batch_wait_ms,
+                             compute_type=compute_type)
+    try:
+        run_server(settings, host=host, port=port, workers=workers)
+    except TranscribeError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

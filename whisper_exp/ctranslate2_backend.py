@@ -24,6 +24,7 @@ from whisper_exp.decoding import (
     DecodeOptions,
     Segment,
     TranscribeError,
+    Word,
     check_decode_options,
     default_max_new_tokens,
     language_code,
@@ -71,41 +72,58 @@ def export_language(model_dir: str | Path | None) -> str | None:
 def decode_with_faster_whisper(model: WhisperModel, audio: np.ndarray, *,
                                language: str | None = None, beam_size: int = 1,
                                timestamps: bool = False, max_new_tokens: int | None = None,
-                               long_form: DecodeOptions | None = None) -> Decoded:
+                               long_form: DecodeOptions | None = None,
+                               word_timestamps: bool = False, prompt: str | None = None,
+                               temperature: float = 0.0) -> Decoded:
     """One 16 kHz clip or recording, decoded like ``generation.transcribe_arrays``: one pass at
     temperature 0 (no sampling fallback, so deterministic), no VAD, no previous-text prompt and
     no no-speech skipping; ``max_new_tokens`` None caps it as the transformers backend does.
     ``long_form`` (a recording over 30 s, which faster-whisper walks window by window itself)
-    applies its previous-text and temperature-fallback choices and window budget instead."""
-    settings: dict = {"temperature": 0.0, "condition_on_previous_text": False,
+    applies its previous-text and temperature-fallback choices and window budget instead.
+    ``word_timestamps``: faster-whisper's cross-attention word timings (implies timestamps);
+    ``prompt``: its ``initial_prompt``; ``temperature`` above 0 samples."""
+    settings: dict = {"temperature": temperature, "condition_on_previous_text": False,
                       "no_speech_threshold": None}
     if long_form is not None:
         max_new_tokens = window_max_new_tokens(long_form, int(model.max_length))
         settings["condition_on_previous_text"] = long_form.condition_on_prev_tokens
         if long_form.temperature_fallback:  # faster-whisper's own thresholds for the fallback
-            settings.update(temperature=FALLBACK_TEMPERATURES, no_speech_threshold=0.6)
+            settings.update(temperature=tuple(t for t in FALLBACK_TEMPERATURES
+                                              if t >= temperature) or (temperature,),
+                            no_speech_threshold=0.6)
     elif max_new_tokens is None:
         max_new_tokens = default_max_new_tokens(min(len(audio) / SAMPLE_RATE, SHORT_FORM_MAX_S))
-    segments, _ = model.transcribe(
+    timestamps = timestamps or word_timestamps
+    segments, info = model.transcribe(
         np.asarray(audio, dtype=np.float32), language=language, beam_size=beam_size,
         without_timestamps=not timestamps, vad_filter=False, max_new_tokens=max_new_tokens,
-        **settings)
+        word_timestamps=word_timestamps, initial_prompt=prompt or None, **settings)
     segments = list(segments)  # a generator: decoding happens here
     text = "".join(segment.text for segment in segments).strip()
     if not timestamps:
-        return Decoded(text)
+        return Decoded(text, language=info.language)
     duration = len(audio) / SAMPLE_RATE
+    words: list[Word] = []
+    for word in (w for segment in segments for w in segment.words or []):
+        start = round(min(max(word.start, words[-1].start if words else 0.0), duration), 3)
+        if word.word.strip():
+            words.append(Word(word.word.strip(), start,
+                              round(min(max(word.end, start), duration), 3)))
     return Decoded(text, [
         Segment(round(min(segment.start, duration), 3),
-                round(min(max(segment.end, segment.start), duration), 3), segment.text.strip())
+                round(min(max(segment.end, segment.start), duration), 3), segment.text.strip(),
+                tokens=list(segment.tokens), temperature=segment.temperature,
+                avg_logprob=segment.avg_logprob, compression_ratio=segment.compression_ratio,
+                no_speech_prob=segment.no_speech_prob)
         for segment in segments if segment.text.strip()
-    ])
+    ], words, info.language)
 
 
 def decode_clips_batched(model: WhisperModel, audios: Sequence[np.ndarray], *,
                          language: str | None = None, beam_size: int = 1,
                          max_new_tokens: int | None = None, batch_size: int = 16,
-                         on_batch: Callable[[int], None] | None = None) -> list[str]:
+                         on_batch: Callable[[int], None] | None = None,
+                         prompt: str | None = None, temperature: float = 0.0) -> list[str]:
     """Clips up to 30 s -> text, ``batch_size`` clips per encoder and decoder pass, with the
     same transcripts as ``decode_with_faster_whisper`` clip by clip (greedy at temperature 0, no
     VAD, no previous text, no timestamps; identical on the dev clips with fp32 and int8 exports).
@@ -142,7 +160,8 @@ def decode_clips_batched(model: WhisperModel, audios: Sequence[np.ndarray], *,
         segments, _ = pipeline.transcribe(
             np.concatenate(pieces), clip_timestamps=clips, language=language,
             multilingual=language is None and bool(model.model.is_multilingual),
-            beam_size=beam_size, temperature=0.0, without_timestamps=True, vad_filter=False,
+            beam_size=beam_size, temperature=temperature, initial_prompt=prompt or None,
+            without_timestamps=True, vad_filter=False,
             max_new_tokens=max_new_tokens or default_max_new_tokens(longest_s),
             batch_size=len(batch))
         parts: dict[int, list[str]] = {}
@@ -208,6 +227,11 @@ class FasterWhisperTranscriber:
     def multilingual(self) -> bool:
         return bool(self.model.model.is_multilingual)
 
+    @property
+    def _language(self) -> str | None:
+        """English for an English-only model; None: detected per clip (not reported batched)."""
+        return None if self.multilingual else "en"
+
     def check_options(self, options: DecodeOptions) -> None:
         """The transformers backend's rules (``decoding.check_decode_options``)."""
         check_decode_options(options, self.multilingual, int(self.model.max_length),
@@ -216,7 +240,8 @@ class FasterWhisperTranscriber:
     def transcribe_audio(self, audios: Sequence[np.ndarray], options: DecodeOptions,
                          on_done: Callable[[int], None] | None = None) -> list[Decoded]:
         """16 kHz mono arrays -> text (and segments with ``options.return_timestamps``; always
-        for recordings over 30 s, whose decoding follows the timestamps). Clips up to 30 s
+        for recordings over 30 s, whose decoding follows the timestamps; words with
+        ``options.word_timestamps``). Clips up to 30 s
         without timestamps are decoded ``options.batch_size`` at a time; the rest one by one."""
         self.check_options(options)
         code = None
@@ -224,16 +249,17 @@ class FasterWhisperTranscriber:
             code = language_code(options.language or self.default_language, True,
                                  set(self.model.supported_languages))
         limit = SHORT_FORM_MAX_S * SAMPLE_RATE
-        batched = [] if options.return_timestamps else \
+        batched = [] if options.timestamps else \
             [i for i, audio in enumerate(audios) if len(audio) <= limit]
         results: list[Decoded | None] = [None] * len(audios)
         if batched:
             texts = decode_clips_batched(
                 self.model, [audios[i] for i in batched], language=code,
                 beam_size=options.num_beams, max_new_tokens=options.max_new_tokens,
-                batch_size=options.batch_size, on_batch=on_done)
+                batch_size=options.batch_size, on_batch=on_done, prompt=options.prompt,
+                temperature=options.temperature)
             for index, text in zip(batched, texts, strict=True):
-                results[index] = Decoded(text)
+                results[index] = Decoded(text, language=code or self._language)
         for index, audio in enumerate(audios):
             if results[index] is not None:
                 continue
@@ -242,9 +268,11 @@ class FasterWhisperTranscriber:
             long_form = len(audio) > limit
             results[index] = decode_with_faster_whisper(
                 self.model, audio, language=code, beam_size=options.num_beams,
-                timestamps=options.return_timestamps or long_form,
+                timestamps=options.timestamps or long_form,
                 max_new_tokens=options.max_new_tokens,
-                long_form=options if long_form else None)
+                long_form=options if long_form else None,
+                word_timestamps=options.word_timestamps, prompt=options.prompt,
+                temperature=options.temperature)
             if on_done is not None:
                 on_done(1)
         return [r if r is not None else Decoded("") for r in results]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 # Written next to every saved model, adapter and export (base model, language, task); defined
 # here so torch-free code reads it too.
@@ -45,18 +46,47 @@ class TranscribeError(ValueError):
 
 
 @dataclass
+class Word:
+    """One word's timing from cross-attention alignment (both backends)."""
+
+    word: str
+    start: float
+    end: float
+
+
+@dataclass
 class Segment:
+    """A timed stretch of text. The decoder's details (``tokens`` ... ``no_speech_prob``) are
+    filled where the backend reports them; they stay out of equality and of ``to_dict`` unless
+    asked for, so transcripts and served segments keep their start/end/text shape."""
+
     start: float
     end: float
     text: str
+    tokens: list[int] | None = field(default=None, compare=False)
+    temperature: float | None = field(default=None, compare=False)
+    avg_logprob: float | None = field(default=None, compare=False)
+    compression_ratio: float | None = field(default=None, compare=False)
+    no_speech_prob: float | None = field(default=None, compare=False)
+
+    def to_dict(self, details: bool = False) -> dict[str, Any]:
+        """start/end/text, plus the decoder details the backend filled when ``details``."""
+        data = {"start": self.start, "end": self.end, "text": self.text}
+        if details:
+            data.update({key: value for key, value in vars(self).items()
+                         if key not in data and value is not None})
+        return data
 
 
 @dataclass
 class Decoded:
-    """What the model made of one recording."""
+    """What the model made of one recording (``words`` with ``DecodeOptions.word_timestamps``)."""
 
     text: str
     segments: list[Segment] = field(default_factory=list)
+    words: list[Word] = field(default_factory=list)
+    # The language it was decoded in (Whisper code), where the backend reports it.
+    language: str | None = None
 
 
 @dataclass
@@ -77,6 +107,18 @@ class DecodeOptions:
     condition_on_prev_tokens: bool = True
     temperature_fallback: bool = True
     language: str | None = None
+    # Word timings by cross-attention alignment; implies timestamps (segments) too.
+    word_timestamps: bool = False
+    # Decoder prompt (earlier text, names, spelling): transformers' prompt_ids, faster-whisper's
+    # initial_prompt.
+    prompt: str | None = None
+    # 0: greedy (or beam). Above 0: sampled at that temperature (OpenAI's 0-1 range).
+    temperature: float = 0.0
+
+    @property
+    def timestamps(self) -> bool:
+        """Timed segments are decoded: asked for, or needed for word timings."""
+        return self.return_timestamps or self.word_timestamps
 
 
 def window_max_new_tokens(options: DecodeOptions, max_target_positions: int = 448) -> int:
@@ -127,4 +169,6 @@ def check_decode_options(options: DecodeOptions, multilingual: bool, max_target_
     if options.max_new_tokens is not None and not 1 <= options.max_new_tokens <= limit:
         raise TranscribeError(f"max_new_tokens must be between 1 and {limit} for this "
                               f"model, got {options.max_new_tokens}")
+    if not 0.0 <= options.temperature <= 1.0:
+        raise TranscribeError(f"temperature must be between 0 and 1, got {options.temperature}")
     language_code(options.language, multilingual, known_codes)

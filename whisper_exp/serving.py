@@ -57,12 +57,17 @@ SIGNATURE = ModelSignature(
                               Property("end", DataType.double),
                               Property("text", DataType.string)])),
                 "segments", required=False),
+        ColSpec(Array(Object([Property("word", DataType.string),
+                              Property("start", DataType.double),
+                              Property("end", DataType.double)])),
+                "words", required=False),
     ]),
     params=ParamSchema([
         ParamSpec("language", DataType.string, None),
         ParamSpec("num_beams", DataType.long, 1),
         ParamSpec("return_timestamps", DataType.boolean, False),
         ParamSpec("max_new_tokens", DataType.long, None),
+        ParamSpec("word_timestamps", DataType.boolean, False),
     ]),
 )
 
@@ -77,6 +82,7 @@ class RequestParams:
     num_beams: int = 1
     return_timestamps: bool = False
     max_new_tokens: int | None = None
+    word_timestamps: bool = False
 
 
 def parse_params(params: dict[str, Any] | None) -> RequestParams:
@@ -89,6 +95,7 @@ def parse_params(params: dict[str, Any] | None) -> RequestParams:
         num_beams=1 if num_beams is None else int(num_beams),
         return_timestamps=bool(params.get("return_timestamps") or False),
         max_new_tokens=None if max_new_tokens is None else int(max_new_tokens),
+        word_timestamps=bool(params.get("word_timestamps") or False),
     )
 
 
@@ -123,6 +130,28 @@ def _without_handle(exc: Exception) -> str:
     return re.sub(r"Error opening <[^>]*>: ", "", str(exc))
 
 
+def probe_audio(data: bytes, where: str) -> float:
+    """Seconds of audio in a file's bytes, from its header; unreadable or empty is a bad
+    request (``where`` names the row or form field)."""
+    try:
+        info = probe(data)
+    except AudioError as exc:
+        raise bad_request(f"{where}: not a readable audio file ({_without_handle(exc)}); "
+                          "send wav, flac, ogg or mp3 bytes") from None
+    if info.frames == 0:
+        raise bad_request(f"{where}: the audio holds no samples")
+    return info.duration_s
+
+
+def decode_audio(data: bytes, where: str) -> np.ndarray:
+    """A file's bytes -> 16 kHz mono float32; a file cut short is a bad request."""
+    try:
+        return load_audio(data)
+    except AudioError as exc:
+        raise bad_request(f"{where}: {_without_handle(exc)}; send a complete wav, "
+                          "flac, ogg or mp3 file") from None
+
+
 def decode_request(model_input: Any, max_audio_s: float = MAX_REQUEST_AUDIO_S
                    ) -> list[np.ndarray]:
     """Validate a request and decode every row to 16 kHz mono float32.
@@ -142,27 +171,13 @@ def decode_request(model_input: Any, max_audio_s: float = MAX_REQUEST_AUDIO_S
              for row, value in enumerate(model_input[AUDIO_COLUMN].tolist())]
     total = 0.0
     for row, data in enumerate(files):
-        try:
-            info = probe(data)
-        except AudioError as exc:
-            raise bad_request(f"row {row}: not a readable audio file ({_without_handle(exc)}); "
-                              "send wav, flac, ogg or mp3 bytes") from None
-        if info.frames == 0:
-            raise bad_request(f"row {row}: the audio holds no samples")
-        total += info.duration_s
+        total += probe_audio(data, f"row {row}")
         if total > max_audio_s:
             raise bad_request(
                 f"the request holds over {max_audio_s / 60:g} minutes of audio (row {row} brings "
                 f"it to {total / 60:.1f} min); split the recording into shorter requests or "
                 "transcribe it offline with `whisper-exp transcribe`")
-    audios = []
-    for row, data in enumerate(files):
-        try:
-            audios.append(load_audio(data))
-        except AudioError as exc:
-            raise bad_request(f"row {row}: {_without_handle(exc)}; send a complete wav, "
-                              "flac, ogg or mp3 file") from None
-    return audios
+    return [decode_audio(data, f"row {row}") for row, data in enumerate(files)]
 
 
 class WhisperPyfunc(mlflow.pyfunc.PythonModel):
@@ -190,12 +205,14 @@ class WhisperPyfunc(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame,
                 params: dict[str, Any] | None = None) -> pd.DataFrame:
-        """DataFrame with an ``audio`` column -> DataFrame with ``text`` (+ ``segments``)."""
+        """DataFrame with an ``audio`` column -> DataFrame with ``text`` (+ ``segments``,
+        + ``words`` with the ``word_timestamps`` param)."""
         request = parse_params(params)
         options = DecodeOptions(num_beams=request.num_beams,
                                 max_new_tokens=request.max_new_tokens,
                                 return_timestamps=request.return_timestamps,
-                                language=request.language)
+                                language=request.language,
+                                word_timestamps=request.word_timestamps)
         try:
             self.transcriber.check_options(options)
         except TranscribeError as exc:
@@ -205,5 +222,7 @@ class WhisperPyfunc(mlflow.pyfunc.PythonModel):
             results = self.transcriber.transcribe_audio(audios, options)
         output = pd.DataFrame({"text": [r.text for r in results]})
         if request.return_timestamps:
-            output["segments"] = [[vars(s) for s in r.segments] for r in results]
+            output["segments"] = [[s.to_dict() for s in r.segments] for r in results]
+        if request.word_timestamps:
+            output["words"] = [[vars(w) for w in r.words] for r in results]
         return output

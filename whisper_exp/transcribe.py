@@ -9,6 +9,7 @@ and the others are still transcribed.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -30,16 +31,18 @@ from whisper_exp.audio import (
 )
 from whisper_exp.decoding import (
     FALLBACK_TEMPERATURES,
+    PROMPT_POSITIONS,
     SHORT_FORM_MAX_S,
     Decoded,
     DecodeOptions,
     Segment,
     TranscribeError,
+    Word,
     check_decode_options,
     language_code,
     window_max_new_tokens,
 )
-from whisper_exp.generation import generate_batches
+from whisper_exp.generation import generate_rows
 from whisper_exp.modeling import is_multilingual, load_for_inference
 from whisper_exp.transcript_formats import Transcript
 
@@ -52,6 +55,15 @@ FALLBACK_SETTINGS: dict[str, Any] = {
     "logprob_threshold": -1.0,
     "no_speech_threshold": 0.6,
 }
+
+
+def default_alignment_heads(config: Any) -> list[list[int]]:
+    """Every cross-attention head of the decoder's upper half: what openai-whisper and the
+    CTranslate2 converter use for a model that names no alignment heads, so both backends align
+    words alike (stock checkpoints ship tuned heads in their generation config)."""
+    layers, heads = int(config.decoder_layers), int(config.decoder_attention_heads)
+    return [[layer, head] for layer, head in
+            itertools.product(range(layers // 2, layers), range(heads))]
 
 
 # --------------------------------------------------------------------------- the model
@@ -113,13 +125,81 @@ class Transcriber:
                                   **self._language_argument(options.language)}
         if options.max_new_tokens is not None:
             kwargs["max_new_tokens"] = options.max_new_tokens
+        if options.prompt:
+            kwargs["prompt_ids"] = self._prompt_ids(options.prompt)
+        if options.temperature > 0:
+            kwargs.update(do_sample=True, temperature=options.temperature)
+        if options.word_timestamps:
+            gen = self.model.generation_config
+            if not getattr(gen, "alignment_heads", None):
+                gen.alignment_heads = default_alignment_heads(self.model.config)
+            kwargs["return_token_timestamps"] = True
         return kwargs
 
-    def _decode_ids(self, ids: torch.Tensor, duration: float, with_segments: bool) -> Decoded:
-        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        return Decoded(text, self._segments(ids.tolist(), duration) if with_segments else [])
+    def _prompt_ids(self, prompt: str) -> torch.Tensor:
+        """``<|startofprev|>`` and the prompt's last tokens: at most half the decoder's positions,
+        as openai-whisper and transformers' long-form conditioning keep."""
+        ids = self.processor.get_prompt_ids(prompt, return_tensors="pt")
+        keep = int(self.model.config.max_target_positions) // 2 - 1
+        if len(ids) > keep:
+            ids = torch.cat([ids[:1], ids[len(ids) - keep + 1:]])
+        return ids.to(next(self.model.parameters()).device)
 
-    def _segments(self, ids: list[int], duration: float) -> list[Segment]:
+    def _token_limit(self, kwargs: dict[str, Any]) -> int:
+        """New tokens that fit after the decoder prompt (and a decoder prompt text)."""
+        prompt = len(kwargs["prompt_ids"]) if "prompt_ids" in kwargs else 0
+        return int(self.model.config.max_target_positions) - PROMPT_POSITIONS - prompt
+
+    def _words(self, ids: list[int], ends: list[float], duration: float,
+               language: str | None) -> list[Word]:
+        """Words from tokens and each token's end time (cross-attention alignment), grouped and
+        punctuation-merged as transformers' ASR pipeline does; a token starts where the one
+        before it ended."""
+        from transformers.models.whisper.tokenization_whisper import (
+            LANGUAGES,
+            _collate_word_timestamps,
+        )
+
+        first_special = int(self.processor.tokenizer.eos_token_id)
+        tokens, spans, previous_end = [], [], 0.0
+        for token, end in zip(ids, ends, strict=True):
+            if token < first_special:
+                tokens.append(token)
+                spans.append((previous_end, end))
+            previous_end = end
+        if not tokens:
+            return []
+        words, last_start = [], 0.0
+        for item in _collate_word_timestamps(self.processor.tokenizer, tokens, spans,
+                                             LANGUAGES.get(language or "", language), False):
+            start = round(min(max(float(item["timestamp"][0]), last_start), duration), 3)
+            end = round(min(max(float(item["timestamp"][1]), start), duration), 3)
+            if item["text"].strip():
+                words.append(Word(item["text"].strip(), start, end))
+                last_start = start
+        return words
+
+    def _decode_row(self, row: dict[str, torch.Tensor], duration: float,
+                    options: DecodeOptions) -> Decoded:
+        ids = row["sequences"]
+        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        decoded = Decoded(text, self._segments(ids.tolist(), duration, options.temperature)
+                          if options.timestamps else [], language=self._language(options))
+        if "token_timestamps" in row:
+            decoded.words = self._words(ids.tolist(), row["token_timestamps"].tolist(),
+                                        duration, decoded.language)
+        return decoded
+
+    def _language(self, options: DecodeOptions) -> str | None:
+        """The language decoded, where known without detecting it: the request's, the model's
+        own, English for an English-only model (None: detected per clip and not reported)."""
+        if not self.multilingual:
+            return "en"
+        return language_code(options.language or self.default_language, True,
+                             self.known_language_codes)
+
+    def _segments(self, ids: list[int], duration: float,
+                  temperature: float = 0.0) -> list[Segment]:
         """Timed segments from ``<|t0|> text <|t1|>`` token runs.
 
         Parsed here rather than with ``tokenizer.decode(output_offsets=True)``: in transformers
@@ -136,7 +216,8 @@ class Transcriber:
             text = tokenizer.decode(text_ids, skip_special_tokens=True).strip()
             if text:
                 segments.append(Segment(round(min(start, duration), 3),
-                                        round(min(max(end, start), duration), 3), text))
+                                        round(min(max(end, start), duration), 3), text,
+                                        tokens=list(text_ids), temperature=temperature))
 
         for token in ids:
             if token >= timestamp_begin:
@@ -159,10 +240,14 @@ class Transcriber:
             return_attention_mask=True, return_tensors="pt")
         parameter = next(self.model.parameters())
         kwargs = self._generate_kwargs(options)
-        kwargs["max_new_tokens"] = window_max_new_tokens(
-            options, int(self.model.config.max_target_positions))
+        kwargs["max_new_tokens"] = min(window_max_new_tokens(
+            options, int(self.model.config.max_target_positions)), self._token_limit(kwargs))
         if options.temperature_fallback:
             kwargs.update(FALLBACK_SETTINGS)
+            # A sampled request starts the schedule at its own temperature.
+            kwargs["temperature"] = tuple(t for t in FALLBACK_TEMPERATURES
+                                          if t >= options.temperature) or (options.temperature,)
+            kwargs.pop("do_sample", None)
         output = self.model.generate(
             input_features=inputs.input_features.to(parameter.device, parameter.dtype),
             attention_mask=inputs.attention_mask.to(parameter.device),
@@ -170,33 +255,44 @@ class Transcriber:
             condition_on_prev_tokens=options.condition_on_prev_tokens, **kwargs)
         tokenizer = self.processor.tokenizer
         duration = len(audio) / SAMPLE_RATE
-        segments = []
+        segments, words = [], []
+        language = self._language(options)
         for segment in output["segments"][0]:
-            text = tokenizer.decode(segment["tokens"], skip_special_tokens=True).strip()
-            if text:
-                segments.append(Segment(round(min(float(segment["start"]), duration), 3),
-                                        round(min(float(segment["end"]), duration), 3), text))
+            ids = segment["tokens"].tolist()
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            if not text:
+                continue
+            start = round(min(float(segment["start"]), duration), 3)
+            # The fallback's temperature per window is not reported: left out.
+            segments.append(Segment(
+                start, round(min(max(float(segment["end"]), start), duration), 3), text,
+                tokens=[t for t in ids if t < int(tokenizer.eos_token_id)]))
+            if "token_timestamps" in segment:
+                words += self._words(ids, segment["token_timestamps"].tolist(), duration,
+                                     language)
         text = tokenizer.decode(output["sequences"][0], skip_special_tokens=True).strip()
-        return Decoded(text, segments)
+        return Decoded(text, segments, words, language)
 
     def transcribe_audio(self, audios: Sequence[np.ndarray], options: DecodeOptions,
                          on_done: Callable[[int], None] | None = None) -> list[Decoded]:
         """16 kHz mono arrays -> text (and segments when ``options.return_timestamps``; always
-        for recordings over 30 s, whose decoding needs them). ``on_done(n)`` reports progress."""
+        for recordings over 30 s, whose decoding needs them; and words with
+        ``options.word_timestamps``). ``on_done(n)`` reports progress."""
         self.check_options(options)
         limit = int(SHORT_FORM_MAX_S * SAMPLE_RATE)
         short = [i for i, audio in enumerate(audios) if len(audio) <= limit]
         results: list[Decoded | None] = [None] * len(audios)
         if short:
             kwargs = self._generate_kwargs(options)
-            if options.return_timestamps:
+            if options.timestamps:
                 kwargs["return_timestamps"] = True
-            ids = generate_batches(self.model, self.processor, [audios[i] for i in short],
-                                   batch_size=options.batch_size, progress=False,
-                                   on_batch=on_done, **kwargs)
-            for index, row in zip(short, ids, strict=True):
-                results[index] = self._decode_ids(row, len(audios[index]) / SAMPLE_RATE,
-                                                  options.return_timestamps)
+            rows = generate_rows(self.model, self.processor, [audios[i] for i in short],
+                                 batch_size=options.batch_size, progress=False,
+                                 on_batch=on_done, token_limit=self._token_limit(kwargs),
+                                 **kwargs)
+            for index, row in zip(short, rows, strict=True):
+                results[index] = self._decode_row(row, len(audios[index]) / SAMPLE_RATE,
+                                                  options)
         for index, audio in enumerate(audios):
             if len(audio) > limit:
                 results[index] = self._long_form(audio, options)
@@ -249,6 +345,7 @@ class Transcriber:
                                  strict=True):
             transcripts[index].text = result.text
             transcripts[index].segments = result.segments
+            transcripts[index].words = result.words
 
 
 def _fail(transcript: Transcript, exc: Exception) -> None:

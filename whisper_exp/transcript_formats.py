@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from whisper_exp.decoding import Segment, TranscribeError
+from whisper_exp.decoding import Segment, TranscribeError, Word
 
 OUTPUT_FORMATS = ("txt", "json", "srt", "vtt")
 
@@ -26,19 +26,28 @@ class Transcript:
     segments: list[Segment] = field(default_factory=list)
     duration: float = 0.0
     error: str | None = None
+    # Word timings (``--word-timestamps``): subtitles then get one cue per word.
+    words: list[Word] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def cues(self) -> list[Segment]:
-        """Segments for subtitles; one cue for the whole file when there are no timestamps."""
+        """Words, else segments for subtitles; one cue for the whole file when there are no
+        timestamps."""
+        if self.words:
+            return [Segment(word.start, word.end, word.word) for word in self.words]
         if self.segments:
             return self.segments
         return [Segment(0.0, self.duration, self.text)] if self.text else []
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["segments"] = [segment.to_dict() for segment in self.segments]
+        if not self.words:
+            del data["words"]
+        return data
 
 
 def _clock(seconds: float, decimal: str) -> str:
