@@ -48,8 +48,8 @@ def wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: f
         try:
             if requests.get(f"{url}/health", timeout=2).status_code == 200:
                 return
-        except requests.ConnectionError:
-            pass
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # not listening yet, or too busy to answer in 2 s: ask again
         time.sleep(0.5)
     pytest.fail(f"server not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
