@@ -1,6 +1,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from whisper_exp.config import (
     NAMED_OPTIONS,
@@ -14,12 +15,26 @@ from whisper_exp.config import (
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_defaults_are_visible_and_typed():
-    cfg = load_config()
-    assert cfg.model.name == "openai/whisper-tiny"
-    assert cfg.finetuning.strategy == "lora"
-    assert cfg.finetuning.lora.target_modules == ["q_proj", "v_proj"]
-    assert cfg.data.text_case == "auto" and cfg.data.on_invalid == "error"
+def _dotted(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize("name", ["full", "lora", "qlora"])
+def test_strategy_files_hold_exactly_their_differences_from_the_defaults(name):
+    """The defaults are one recipe; a strategy file changes the keys it sets and no others,
+    and sets nothing to its default value (except naming its strategy)."""
+    path = ROOT / "experiments" / f"{name}.yaml"
+    written = set(_dotted(yaml.safe_load(path.read_text())))
+    defaults, loaded = ExperimentConfig().flat(), load_config(path).flat()
+    changed = {key for key in defaults if loaded[key] != defaults[key]}
+    assert changed - {"finetuning.strategy"} == written - {"finetuning.strategy"}
+    assert loaded["finetuning.strategy"] == name
 
 
 def test_yaml_then_overrides_win(tmp_path):
@@ -32,11 +47,20 @@ def test_yaml_then_overrides_win(tmp_path):
     assert cfg.finetuning.lora.r == 16
 
 
-def test_flat_params_use_dotted_keys():
-    flat = ExperimentConfig().flat()
-    assert flat["finetuning.strategy"] == "lora"
-    assert flat["finetuning.lora.r"] == 32
-    assert flat["training.learning_rate"] == pytest.approx(1e-3)
+def test_flat_params_address_the_nested_config():
+    cfg = load_config(None, ["training.learning_rate=0.5", "finetuning.lora.r=3",
+                             "finetuning.lora.target_modules=q_proj,fc1"])
+    flat = cfg.flat()
+    for key, value in flat.items():
+        node = cfg
+        for part in key.split("."):
+            node = getattr(node, part)
+        assert node == value, key
+    assert (flat["training.learning_rate"], flat["finetuning.lora.r"]) == (0.5, 3)
+    assert flat["finetuning.lora.target_modules"] == ["q_proj", "fc1"]
+    as_text = {k: ",".join(v) if isinstance(v, list) else v for k, v in flat.items()}
+    assert load_config(None, [f"{k}={v}" for k, v in as_text.items()
+                              if v is not None]).flat() == flat, "every key round-trips"
 
 
 @pytest.mark.parametrize("override, message", [
