@@ -67,6 +67,17 @@ def _assert_transcripts_agree(fast: list[str], slow: list[str], tokenizer) -> No
     assert score(slow, fast, make_normalizer(tokenizer)).wer <= 0.15, (fast, slow)
 
 
+def _assert_same_words_up_to_the_shorter_cap(fast: list[str], slow: list[str]) -> None:
+    """A model that loops to the token cap ("says the") decodes the same words in both engines
+    until the shorter cap: CTranslate2's Whisper.generate stops at half its max_length
+    (OpenNMT/CTranslate2#1856), transformers at max_new_tokens."""
+    for fast_text, slow_text in zip(fast, slow, strict=True):
+        fast_words, slow_words = fast_text.split(), slow_text.split()
+        shorter = min(len(fast_words), len(slow_words))
+        assert shorter >= 5, (fast_text, slow_text)
+        assert fast_words[:shorter] == slow_words[:shorter], (fast_text, slow_text)
+
+
 def _artifact_names(run_id: str, path: str) -> set[str]:
     return {Path(item.path).name for item in MlflowClient().list_artifacts(run_id, path)}
 
@@ -150,8 +161,8 @@ def test_lora_run_is_merged_converted_and_logged(says_the_path, sample_dir, tmp_
 
     clips, _ = _dev_clips(sample_dir)
     fast = transcribe_with_faster_whisper(ct2_dir, clips)
-    slow, tokenizer = _transformers_greedy(f"runs:/{run_id}", clips)
-    _assert_transcripts_agree(fast, slow, tokenizer)
+    slow, _ = _transformers_greedy(f"runs:/{run_id}", clips)
+    _assert_same_words_up_to_the_shorter_cap(fast, slow)
 
     # Hugging Face, from the local training folder: outputs/<run_id>/model names its run.
     hf_dir = export_model(str(adapter_dir), tmp_path / "hf", fmt="hf")
