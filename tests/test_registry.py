@@ -102,6 +102,8 @@ def test_train_register_merges_lora_and_adapter_only_keeps_it(tiny_english_path,
         "--strategy", "lora", "--max-steps", "1", "--batch-size", "2", "--experiment", "test",
         "--set", "data.max_eval_samples=2", "--set", "evaluation.max_new_tokens=8",
         "--set", "evaluation.batch_size=2", "--set", f"training.output_dir={tmp_path / 'out'}",
+        # No warmup: its first step has learning rate 0, leaving the adapter at zero.
+        "--set", "training.warmup_steps=0",
         "--register", "whisper-exp", "--alias", "champion"])
     assert trained.exit_code == 0, trained.output
     run_id = re.search(r"run_id=(\w+)", trained.output).group(1)
@@ -133,6 +135,8 @@ def test_train_register_merges_lora_and_adapter_only_keeps_it(tiny_english_path,
     assert "registered=whisper-exp-adapter version=1" in adapter.output
     version = client.get_model_version("whisper-exp-adapter", "1")
     assert version.tags["packaging"] == "adapter only"
+    assert "logged_model_id" in version.tags, "the adapter train logged, registered as is"
+    assert "logged_model_id" not in merged.tags, "merging packages a new model"
     assert version.tags["base_model"] == str(tiny_english_path)
     adapter_dir = Path(resolve_model_reference("models:/whisper-exp-adapter/1"))
     assert (adapter_dir / "adapter_config.json").exists()
