@@ -5,6 +5,7 @@ against real server processes (transformers and CTranslate2 backends), plus word
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import threading
 from pathlib import Path
@@ -78,14 +79,14 @@ def test_every_response_format(server, sample_dir):
     text = _create(server, sample_dir, response_format="text")
     assert isinstance(text, str) and text.split()[0] == "the"
     srt = _create(server, sample_dir, response_format="srt")
-    assert srt.startswith("1\n00:00:00,000 --> 00:00:0") and "the" in srt
+    assert re.match(r"1\n00:00:0\d,\d{3} --> 00:00:0\d,\d{3}\nthe the", srt), srt
     vtt = _create(server, sample_dir, response_format="vtt")
-    assert vtt.startswith("WEBVTT\n\n00:00:00.000 --> ") and "the" in vtt
+    assert re.match(r"WEBVTT\n\n00:00:0\d.\d{3} --> 00:00:0\d.\d{3}\nthe the", vtt), vtt
     verbose = _create(server, sample_dir, response_format="verbose_json")
     assert verbose.task == "transcribe" and verbose.language == "english"
     assert abs(verbose.duration - duration) < 0.01 and verbose.text.startswith("the")
     segment = verbose.segments[0]
-    assert (segment.id, segment.start) == (0, 0.0) and 0 < segment.end <= duration
+    assert segment.id == 0 and 0 <= segment.start < segment.end <= duration
     assert segment.text.startswith("the") and segment.tokens and segment.temperature == 0.0
     if server.backend == "ctranslate2":  # faster-whisper reports the decoder's statistics
         assert segment.avg_logprob < 0 and segment.compression_ratio > 0
