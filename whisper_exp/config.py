@@ -135,6 +135,8 @@ class EvaluationConfig:
     # None: scaled to each clip's length (decoding.default_max_new_tokens), as transcribe and
     # the served model do, so all of them score a clip alike.
     max_new_tokens: int | None = None
+    # The report logs this many worst utterances (by WER) with their audio; 0: none.
+    worst_n: int = 20
 
 
 @dataclass
@@ -143,6 +145,8 @@ class TrackingConfig:
     # Empty: MLflow's own resolution (MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).
     tracking_uri: str | None = None
     run_name: str | None = None
+    # MLflow's system metrics (CPU, memory, disk, network; GPU on CUDA) for train and tune runs.
+    system_metrics: bool = True
 
 
 @dataclass

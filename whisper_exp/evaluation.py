@@ -12,12 +12,15 @@ from typing import Any
 import mlflow
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-from whisper_exp import tracking
+from whisper_exp import report, run_page, tracking
 from whisper_exp.audio import SAMPLE_RATE, load_audio
 from whisper_exp.config import EvaluationConfig, ExperimentConfig
 from whisper_exp.data import Example, load_eval_only
-from whisper_exp.generation import transcribe_arrays
-from whisper_exp.metrics import Scores, make_normalizer, score, utterance_wer
+from whisper_exp.generation import (
+    transcribe_arrays,  # noqa: F401  (benchmarks import it here)
+    transcribe_arrays_with_budget,
+)
+from whisper_exp.metrics import Normalizer, Scores, make_normalizer, score, utterance_wer
 from whisper_exp.modeling import default_device, is_multilingual, load_for_inference
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ class EvalResult:
     audio_seconds: float
     wall_seconds: float
     extra: dict[str, float] = field(default_factory=dict)
+    normalize: Normalizer | None = None  # the one WER/CER were scored with (the report names it)
 
     @property
     def rtfx(self) -> float:
@@ -51,9 +55,9 @@ def evaluate_examples(
 ) -> EvalResult:
     audios = [load_audio(e.audio) for e in examples]
     start = time.perf_counter()
-    hypotheses = transcribe_arrays(model, processor, audios, batch_size=cfg.batch_size,
-                                   num_beams=cfg.num_beams, max_new_tokens=cfg.max_new_tokens,
-                                   progress=progress)
+    hypotheses, budget_hits = transcribe_arrays_with_budget(
+        model, processor, audios, batch_size=cfg.batch_size, num_beams=cfg.num_beams,
+        max_new_tokens=cfg.max_new_tokens, progress=progress)
     wall = time.perf_counter() - start
     # The language scored: the requested one, else the model's own (None: detected per clip,
     # scored with the English normaliser).
@@ -64,11 +68,12 @@ def evaluate_examples(
     references = [e.text for e in examples]
     rows = [
         {"file": e.name, "reference": e.text, "hypothesis": hyp,
-         "wer": utterance_wer(e.text, hyp, normalize)}
-        for e, hyp in zip(examples, hypotheses, strict=True)
+         "wer": utterance_wer(e.text, hyp, normalize), "duration_s": len(audio) / SAMPLE_RATE,
+         "budget_hit": hit}
+        for e, hyp, audio, hit in zip(examples, hypotheses, audios, budget_hits, strict=True)
     ]
     return EvalResult(score(references, hypotheses, normalize), rows,
-                      sum(len(a) for a in audios) / SAMPLE_RATE, wall)
+                      sum(len(a) for a in audios) / SAMPLE_RATE, wall, normalize=normalize)
 
 
 def compare_rows(base: EvalResult, tuned: EvalResult) -> list[dict[str, Any]]:
@@ -127,6 +132,7 @@ def run_evaluation(
                 if split.skipped:
                     tracking.log_csv([vars(p) for p in split.skipped], "skipped_rows.csv")
                 mlflow.log_param("data.n_utterances", len(examples))
+                corpus = run_page.log_evaluation_dataset(data, cfg.data, split)
             tracking.reset_peak_memory(device)
             result = evaluate_examples(loaded_model, processor, examples, cfg.evaluation,
                                        language=cfg.model.language)
@@ -134,9 +140,9 @@ def run_evaluation(
             log.info("%s%s: WER %.2f%% CER %.2f%% on %d utterances (RTFx %.1f)", prefix,
                      reference, 100 * result.scores.wer, 100 * result.scores.cer,
                      len(result.rows), result.rtfx)
-            mlflow.log_metrics(result.metrics(prefix))
-            tracking.log_csv(result.rows, f"{prefix}predictions.csv")
+            mlflow.log_metrics(result.metrics(prefix), dataset=corpus)
             del loaded_model
+        report.log_evaluation_report(results, examples, worst_n=cfg.evaluation.worst_n)
         peak, kind = tracking.peak_memory_mb(device)
         mlflow.log_metric("peak_memory_mb", peak)
         mlflow.set_tag("peak_memory_kind", kind)
@@ -144,4 +150,8 @@ def run_evaluation(
             base, tuned = results["base_"], results[""]
             mlflow.log_metric("wer_delta", tuned.scores.wer - base.scores.wer)
             tracking.log_csv(compare_rows(base, tuned), "comparison.csv")
+        run_page.set_description(run_page.evaluation_description(
+            model=model, data=corpus, wer=results[""].scores.wer, cer=results[""].scores.cer,
+            base_model=compare_with,
+            base_wer=results["base_"].scores.wer if compare_with is not None else None))
         return EvaluationReport(active.info.run_id, results)

@@ -22,7 +22,7 @@ from transformers import (
     set_seed,
 )
 
-from whisper_exp import tracking
+from whisper_exp import report, run_page, tracking
 from whisper_exp.audio import probe
 from whisper_exp.cache import audio_fingerprint, shared_cache
 from whisper_exp.cache_training import (
@@ -287,7 +287,8 @@ def train(
     run_tags = {"whisper_exp.entry_point": "train", **(tags or {})}
     mlf = tracking.Tracker()  # under torchrun, only rank 0 logs
     with tracking.main_process_run(run_name=run_name, nested=nested, tags=run_tags,
-                                   run_id=resume_run_id) as active:
+                                   run_id=resume_run_id,
+                                   log_system_metrics=cfg.tracking.system_metrics) as active:
         run_id = active.info.run_id
         if resume_run_id is None:
             mlf.log_params(cfg.flat())
@@ -326,6 +327,8 @@ def train(
             mlf.set_tag(OUTPUT_DIR_TAG, str(output_dir))
         train_set = SpeechDataset(split.train, processor)
         eval_set = SpeechDataset(split.eval, processor)
+        corpora = (run_page.log_training_datasets(cfg.data, split, train_set, eval_set)
+                   if mlf.enabled else None)
         start_id = model.config.decoder_start_token_id
         features = MelFeatures(processor)
         if cfg.training.cache_features:
@@ -375,7 +378,8 @@ def train(
         # only, this decode (the one the objective and pruning read) completes it.
         mlf.log_metrics({"eval_wer": final.scores.wer, "eval_cer": final.scores.cer},
                         step=outcome.global_step)
-        mlf.log_csv(final.rows, "eval/predictions.csv")
+        report.log_evaluation_report({"": final}, split.eval, worst_n=cfg.evaluation.worst_n,
+                                     csv_dir="eval")
         peak, kind = tracking.peak_memory_mb(device)
         metrics = {
             "wer": final.scores.wer,
@@ -392,7 +396,8 @@ def train(
             metrics["cache_encoder_hit_rate"] = encoder_cache.store.hit_rate
         if features.cache is not None:
             metrics["cache_mel_hit_rate"] = features.cache.hit_rate
-        mlf.log_metrics({k: v for k, v in metrics.items() if v is not None})
+        # Logged with the run's LoggedModel (the pyfunc `register` ships) and eval dataset.
+        run_page.log_training_outcome(cfg, model_dir, metrics, corpora)
         mlf.set_tag("peak_memory_kind", kind)
         log.info("run %s: WER %.2f%%, CER %.2f%%", run_id, 100 * final.scores.wer,
                  100 * final.scores.cer)

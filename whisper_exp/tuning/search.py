@@ -196,7 +196,8 @@ def tune(
     parent_id = ""
     try:
         with tracking.run(run_name=base_cfg.tracking.run_name or f"tune-{name}",
-                          tags=parent_tags, run_id=resume_id) as parent:
+                          tags=parent_tags, run_id=resume_id,
+                          log_system_metrics=base_cfg.tracking.system_metrics) as parent:
             parent_id = parent.info.run_id
             if not recorded_usable:
                 study.set_user_attr(PARENT_RUN_ATTR, parent_id)
