@@ -85,16 +85,30 @@ class RequestParams:
     word_timestamps: bool = False
 
 
+def _int_param(params: dict[str, Any], name: str, default: int | None) -> int | None:
+    value = params.get(name)
+    if value is None:
+        return default
+    try:
+        return int(value)
+    except (TypeError, ValueError, OverflowError):
+        raise bad_request(f"param {name!r} must be an integer, got {value!r}") from None
+
+
 def parse_params(params: dict[str, Any] | None) -> RequestParams:
-    """Request params with MLflow's defaults filled in; types are checked by the signature."""
+    """Request params with MLflow's defaults filled in. The signature checks types over HTTP;
+    a direct ``predict`` call is checked here, so a wrong type is a bad request too."""
     params = params or {}
-    num_beams = params.get("num_beams")
-    max_new_tokens = params.get("max_new_tokens")
+    if not isinstance(params, dict):
+        raise bad_request(f"params must be a mapping, got {type(params).__name__}")
+    language = params.get("language") or None
+    if language is not None and not isinstance(language, str):
+        raise bad_request(f"param 'language' must be a string, got {language!r}")
     return RequestParams(
-        language=params.get("language") or None,
-        num_beams=1 if num_beams is None else int(num_beams),
+        language=language,
+        num_beams=_int_param(params, "num_beams", 1),
         return_timestamps=bool(params.get("return_timestamps") or False),
-        max_new_tokens=None if max_new_tokens is None else int(max_new_tokens),
+        max_new_tokens=_int_param(params, "max_new_tokens", None),
         word_timestamps=bool(params.get("word_timestamps") or False),
     )
 
@@ -159,7 +173,11 @@ def decode_request(model_input: Any, max_audio_s: float = MAX_REQUEST_AUDIO_S
     All headers are read before any audio is decoded, so an over-long request is refused cheaply.
     """
     if isinstance(model_input, dict):
-        model_input = pd.DataFrame(model_input)
+        try:
+            model_input = pd.DataFrame(model_input)
+        except (ValueError, TypeError) as exc:  # scalars without an index, ragged columns
+            raise bad_request(f"the request is not a table of rows ({exc}); send "
+                              f"{REQUEST_EXAMPLE}") from None
     if not isinstance(model_input, pd.DataFrame) or AUDIO_COLUMN not in model_input.columns:
         found = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else \
             type(model_input).__name__
