@@ -96,3 +96,18 @@ def test_strategy_labels():
                            "finetuning.freeze_encoder": "True"}) == "full freeze_encoder"
     assert strategy_label({"finetuning.strategy": "qlora", "finetuning.lora.r": "8",
                            "finetuning.freeze_encoder_layers": "None"}) == "qlora r=8"
+
+
+def test_cli_prints_the_table_and_names_a_missing_experiment():
+    from click.testing import CliRunner
+
+    from whisper_exp.cli import main
+
+    _make_runs("cli-compare")
+    result = CliRunner().invoke(main, ["compare", "--experiment", "cli-compare", "--no-log"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0].split()[:2] == ["run_id", "strategy"]
+    assert "full" in lines[1] and "lora" in lines[2], "best WER first"
+    missing = CliRunner().invoke(main, ["compare", "--experiment", "no-such-experiment"])
+    assert missing.exit_code == 2 and "no-such-experiment" in missing.output

@@ -423,5 +423,26 @@ def serve(model_ref, host, port, workers, api_key, max_upload_mb, max_batch_size
         sys.exit(2)
 
 
+@main.command(context_settings=CONTEXT)
+@click.argument("run_ids", nargs=-1)
+@click.option("--experiment", default="", help="Every finished train run of this experiment.")
+@click.option("--tracking-uri", default="", help="MLflow tracking URI (default: "
+              "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+@click.option("--no-log", is_flag=True, help="Print only; log no comparison run.")
+def compare(run_ids, experiment, tracking_uri, no_log):
+    """Strategies side by side: cost and quality of train runs, with a WER-vs-cost plot."""
+    from whisper_exp.compare import CompareError, compare_runs, format_table
+
+    try:
+        result = compare_runs(run_ids, experiment or None, log=not no_log,
+                              tracking_uri=tracking_uri or None)
+    except CompareError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(format_table(result.rows))
+    if result.run_id:
+        click.echo(f"run_id={result.run_id}")
+
+
 if __name__ == "__main__":
     main()
