@@ -134,3 +134,33 @@ def test_weights_digest_depends_on_names_and_hashes():
     assert one == weights_digest({"b.safetensors": "11", "a.safetensors": "00"})
     assert one != weights_digest({"a.safetensors": "11", "b.safetensors": "00"})
     assert re.fullmatch(r"[0-9a-f]{64}", one)
+
+
+def test_registered_model_records_its_weights_and_refuses_swapped_ones(tiny_english_path,
+                                                                       tmp_path):
+    """The version tag and the pyfunc's MLmodel metadata carry the hashes; a downloaded copy
+    whose weights were changed afterwards is refused by load_context, an intact one loads."""
+    import mlflow
+    from mlflow.models import Model
+
+    from whisper_exp.registry import register_run
+    from whisper_exp.safety import WEIGHT_FILES_KEY
+
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(tiny_english_path), "model")
+    version = register_run(run.info.run_id, name="hashed")
+    expected = weights_sha256(tiny_english_path)
+    assert version.tags["weights_sha256"] == weights_digest(expected)
+
+    local = Path(mlflow.artifacts.download_artifacts("models:/hashed/1",
+                                                     dst_path=str(tmp_path / "copy")))
+    assert Model.load(str(local / "MLmodel")).metadata["whisper_exp"][WEIGHT_FILES_KEY] \
+        == expected
+    mlflow.pyfunc.load_model(str(local))  # intact: loads
+
+    weights = local / "artifacts" / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(WeightsMismatchError, match="model.safetensors changed"):
+        mlflow.pyfunc.load_model(str(local))

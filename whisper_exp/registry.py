@@ -36,6 +36,7 @@ from whisper_exp.export import (
     save_merged_hf,
 )
 from whisper_exp.modeling import ADAPTER_CONFIG, METADATA_FILE, load_for_inference
+from whisper_exp.safety import WEIGHT_FILES_KEY, WEIGHTS_DIGEST_KEY, weights_digest, weights_sha256
 from whisper_exp.serving import BACKENDS, MODEL_ARTIFACT, SIGNATURE
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,7 @@ MODEL_TYPE = "speech-to-text"
 PACKAGING_TAG = "whisper_exp.packaging"
 BACKEND_TAG = "whisper_exp.backend"
 BASE_MODEL_TAG = "whisper_exp.base_model"
+WEIGHTS_TAG = "whisper_exp.weights_sha256"  # LoggedModel tag; versions get "weights_sha256"
 
 
 class RegistryError(ValueError):
@@ -118,7 +120,9 @@ def _log_pyfunc(staged: Path, model_name: str, *, source_run_id: str, packaging:
                 registered_model_name: str | None = None,
                 params: Mapping[str, Any] | None = None) -> ModelInfo:
     """Log ``staged`` (a folder named ``model``) as the serving pyfunc, a LoggedModel of the
-    active run, tagged with how it was packaged."""
+    active run, tagged with how it was packaged and the sha256 of its weights (the pyfunc
+    refuses to load a folder that no longer matches them)."""
+    hashes = weights_sha256(staged)
     with warnings.catch_warnings():
         # No input example on purpose: validating one would load the model and decode audio
         # at logging time; the explicit signature already describes the input.
@@ -133,9 +137,11 @@ def _log_pyfunc(staged: Path, model_name: str, *, source_run_id: str, packaging:
             registered_model_name=registered_model_name,
             metadata={"whisper_exp": {"source_run_id": source_run_id, "packaging": packaging,
                                       "base_model": base_model, "backend": backend,
-                                      "precision": precision}},
+                                      "precision": precision, WEIGHT_FILES_KEY: hashes,
+                                      WEIGHTS_DIGEST_KEY: weights_digest(hashes)}},
             params={k: "" if v is None else str(v) for k, v in (params or {}).items()},
             tags={PACKAGING_TAG: packaging, BACKEND_TAG: backend,
+                  WEIGHTS_TAG: weights_digest(hashes),
                   **({BASE_MODEL_TAG: base_model} if base_model else {})},
             model_type=MODEL_TYPE,
         )
@@ -306,8 +312,12 @@ def register_run(run_id: str, name: str = DEFAULT_NAME, alias: str | None = None
             run_id, name, backend=backend, adapter_only=adapter_only, precision=precision,
             quantization=quantization)
 
+    # The version's LoggedModel (its source is models:/<model_id>) carries the weights' hash.
+    source = client.get_model_version(name, version).source or ""
+    model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None
+    digest = client.get_logged_model(model_id).tags.get(WEIGHTS_TAG) if model_id else None
     tags = {"source_run_id": run_id, "packaging": packaging, "backend": backend,
-            "precision": precision,
+            "precision": precision, **({WEIGHTS_DIGEST_KEY: digest} if digest else {}),
             "strategy": run.data.params.get("finetuning.strategy", ""),
             **({"base_model": base_model} if base_model else {}),
             **{key: _metric_text(value) for key, value in run.data.metrics.items()

@@ -38,6 +38,7 @@ from mlflow.types.schema import (
 from whisper_exp.audio import AudioError, load_audio, probe
 from whisper_exp.ctranslate2_backend import FasterWhisperTranscriber, is_ctranslate2_model
 from whisper_exp.decoding import DecodeOptions, TranscribeError
+from whisper_exp.safety import verify_registered_weights
 
 AUDIO_COLUMN = "audio"
 MODEL_ARTIFACT = "model"  # context.artifacts key of the model folder (HF or CTranslate2)
@@ -208,6 +209,8 @@ class WhisperPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         model_dir = context.artifacts[MODEL_ARTIFACT]
+        # Weights swapped or damaged since registration: refuse before loading (or unpickling).
+        verify_registered_weights(model_dir)
         if is_ctranslate2_model(model_dir):
             self.transcriber = FasterWhisperTranscriber.load(
                 model_dir, compute_type=CTRANSLATE2_COMPUTE_TYPE)
