@@ -26,6 +26,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from whisper_exp.audio import AudioRef
+from whisper_exp.storage import removed_on_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -193,9 +194,12 @@ class ArrayCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Write then rename, so a crash never leaves a half-written array under the real name.
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as handle:
-            np.save(handle, array)
-        os.replace(tmp, path)
+        # A full disk: the partial tmp goes, entries already here stay, the error names both.
+        with removed_on_disk_full(tmp, array.nbytes, "a cache entry; the entries already "
+                                  "cached are intact", shown=path):
+            with os.fdopen(fd, "wb") as handle:
+                np.save(handle, array)
+            os.replace(tmp, path)
         if self.disk_cap is not None:
             self.disk_cap.added(path.stat().st_size)
 

@@ -35,6 +35,12 @@ from whisper_exp.modeling import (
     load_for_inference,
     resolve_model_reference,
 )
+from whisper_exp.storage import (
+    DiskFullError,
+    check_free_space,
+    folder_bytes,
+    removed_on_disk_full,
+)
 
 log = logging.getLogger(__name__)
 
@@ -196,13 +202,19 @@ def save_merged_hf(model_ref: str, output: Path, dtype: torch.dtype = torch.floa
     except OSError as exc:  # hub name not found / unreachable, unreadable weights
         raise ExportError(f"could not load model {source or model_ref}: {exc}") from exc
     model.to(dtype)
-    output.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output)
-    processor.save_pretrained(output)
-    # transformers 5 folds the feature extractor into processor_config.json; faster-whisper and
-    # older transformers read the standalone file.
-    processor.feature_extractor.to_json_file(output / "preprocessor_config.json")
-    model.generation_config.save_pretrained(output)
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        check_free_space(output, needed, "the merged model")
+        output.mkdir(parents=True, exist_ok=True)
+        with removed_on_disk_full(output, needed, "the merged model"):
+            model.save_pretrained(output)
+            processor.save_pretrained(output)
+            # transformers 5 folds the feature extractor into processor_config.json;
+            # faster-whisper and older transformers read the standalone file.
+            processor.feature_extractor.to_json_file(output / "preprocessor_config.json")
+            model.generation_config.save_pretrained(output)
+    except DiskFullError as exc:
+        raise ExportError(str(exc)) from exc
     meta: dict[str, Any] = {}
     source_meta = Path(model_ref) / METADATA_FILE
     if source_meta.exists():
@@ -230,7 +242,13 @@ def convert_to_ctranslate2(hf_dir: str | Path, output: Path, quantization: str |
         raise ExportError(f"{hf_dir} lacks {', '.join(missing)}, which faster-whisper needs "
                           "next to the converted model")
     converter = TransformersConverter(str(hf_dir), copy_files=list(CTRANSLATE2_COPY_FILES))
-    converter.convert(str(output), quantization=quantization, force=True)
+    needed = folder_bytes(hf_dir)  # the fp32 source: an upper bound for any quantization
+    try:
+        check_free_space(output, needed, "the CTranslate2 model")
+        with removed_on_disk_full(output, needed, "the CTranslate2 model"):
+            converter.convert(str(output), quantization=quantization, force=True)
+    except DiskFullError as exc:
+        raise ExportError(str(exc)) from exc
     # Provenance and the language for multilingual models (transcribe_with_faster_whisper's
     # default); model.bin's config.json is CTranslate2's own and has no room for it.
     meta_file = hf_dir / METADATA_FILE
