@@ -2,9 +2,10 @@
 
 Every row trains a few optimizer steps of the same Whisper (random weights of a real size, or a
 local checkpoint with --model; nothing is downloaded) through ``modeling.apply_strategy``:
-full / lora / qlora / freeze_encoder, each with and without gradient checkpointing, in bf16
-autocast and fp32. Prints one table. ``--dry-run`` does 1 step per row on a tiny random model on
-the CPU (qlora rows need CUDA and are listed as skipped there): the check that this script works.
+full / lora / qlora / freeze_encoder (LoRA, encoder frozen), each with and without gradient
+checkpointing, in bf16 autocast and fp32. Prints one table. ``--dry-run`` does 1 step per row
+on a tiny random model on the CPU (qlora rows need CUDA and are listed as skipped there): the
+check that this script works.
 ``--ddp-smoke`` (under torchrun) runs 2 LoRA steps in DistributedDataParallel on every rank.
 """
 
