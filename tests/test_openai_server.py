@@ -294,3 +294,23 @@ def test_real_tiny_en_prompt_steers_the_decoder(tiny_en_path, sample_dir):
     plain, prompted = (transcriber.transcribe_audio([audio], DecodeOptions(prompt=prompt))[0]
                        for prompt in (None, "He is a big boy."))
     assert plain.text == "is a big boy." and prompted.text == "He is a big boy."
+
+
+def test_exports_keep_the_alignment_heads(tiny_english_path, tmp_path):
+    """A fine-tuned model keeps its base's alignment heads (generation config) through a merged
+    Hugging Face export and into a CTranslate2 export, so both engines align words alike."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    from whisper_exp.export import export_model
+
+    source = tmp_path / "tuned"
+    shutil.copytree(tiny_english_path, source)
+    generation = GenerationConfig.from_pretrained(source)
+    generation.alignment_heads = [[1, 1]]
+    generation.save_pretrained(source)
+    merged = export_model(str(source), tmp_path / "hf", fmt="hf", log_to_run=False)
+    assert GenerationConfig.from_pretrained(merged).alignment_heads == [[1, 1]]
+    ct2 = _export_ct2(merged, tmp_path / "ct2")
+    assert json.loads((ct2 / "config.json").read_text())["alignment_heads"] == [[1, 1]]

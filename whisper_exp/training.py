@@ -45,6 +45,7 @@ from whisper_exp.modeling import (
     load_for_inference,
     save_trained,
 )
+from whisper_exp.storage import checkpoint_space_callback, last_good_checkpoint
 from whisper_exp.trainer import AUDIO_SECONDS, WhisperTrainer, audio_seconds_tensor
 
 log = logging.getLogger(__name__)
@@ -183,10 +184,8 @@ OUTPUT_DIR_TAG = "whisper_exp.output_dir"
 
 
 def _last_checkpoint(trainer_dir: Path) -> Path | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    found = get_last_checkpoint(str(trainer_dir)) if trainer_dir.is_dir() else None
-    return Path(found) if found else None
+    """The newest complete checkpoint: one cut short by a full disk or a kill is skipped."""
+    return last_good_checkpoint(trainer_dir)
 
 
 @dataclass
@@ -344,7 +343,8 @@ def train(
             train_dataset=train_set,
             eval_dataset=eval_set,
             compute_metrics=_wer_metric(processor, language),
-            callbacks=[MlflowMetricsCallback(), *callbacks],
+            callbacks=[MlflowMetricsCallback(), checkpoint_space_callback(output_dir / "trainer"),
+                       *callbacks],
             max_new_tokens=cfg.evaluation.max_new_tokens,
         )
         if encoder_cache is not None:

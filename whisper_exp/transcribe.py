@@ -393,6 +393,7 @@ def transcribe_paths(
     temperature_fallback: bool = True,
     language: str | None = None,
     max_new_tokens: int | None = None,
+    word_timestamps: bool = False,
     device: torch.device | None = None,
     progress: bool = True,
 ) -> list[Transcript]:
@@ -402,7 +403,8 @@ def transcribe_paths(
     options = DecodeOptions(batch_size=batch_size, num_beams=num_beams,
                             max_new_tokens=max_new_tokens, return_timestamps=return_timestamps,
                             condition_on_prev_tokens=condition_on_prev_tokens,
-                            temperature_fallback=temperature_fallback, language=language)
+                            temperature_fallback=temperature_fallback, language=language,
+                            word_timestamps=word_timestamps)
     transcriber = Transcriber.load(model_ref, device)
     transcriber.check_options(options)
     return transcriber.transcribe_files(files, options, progress=progress)
