@@ -119,8 +119,13 @@ def test_resume_finds_the_run_and_its_checkpoints_from_anywhere(tiny_english_pat
     from whisper_exp.training import resume
 
     run, experiment_id = _crashing_run(tiny_english_path, sample_dir, tmp_path, monkeypatch,
-                                       crash_at=3, checkpoint_steps=2)
+                                       crash_at=5, checkpoint_steps=2)
     assert run.info.status == "FAILED"
+    # The last checkpoint was cut short (a full disk, a kill mid-save): the one before is used.
+    trainer_dir = tmp_path / "started_here" / "outputs" / run.info.run_id / "trainer"
+    assert sorted(p.name for p in trainer_dir.glob("checkpoint-*")) == ["checkpoint-2",
+                                                                        "checkpoint-4"]
+    (trainer_dir / "checkpoint-4" / "trainer_state.json").write_text('{"global_st')
     result = resume(run.info.run_id)
     done = mlflow.get_run(run.info.run_id)
     assert done.info.status == "FINISHED" and done.info.experiment_id == experiment_id
