@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
 import soundfile as sf
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -51,14 +50,6 @@ def fuzz(cases: int, shrink: bool = True) -> settings:
     return settings(BASE, max_examples=cases, phases=phases)
 
 
-# Bugs these properties found in modules engineer J does not own, fixes handed to the lead;
-# strict: the marker must go once the fix lands.
-CSV_BUG = pytest.mark.xfail(strict=True, reason=(
-    "data._read_metadata_csv lets csv.Error (a field over csv.field_size_limit, NUL) and "
-    "ValueError (file_name with a NUL byte, from Path.resolve) escape instead of DataError"))
-OVERRIDE_BUG = pytest.mark.xfail(strict=True, reason=(
-    "config.parse_overrides lets yaml.YAMLError (e.g. 'training.batch_size=[') and TypeError "
-    "('model=1 model.name=2': a section overridden by a scalar) escape instead of ConfigError"))
 
 
 def _is_bad_request(exc: MlflowException) -> bool:
@@ -187,7 +178,6 @@ csv_text = st.lists(st.sampled_from([*",\"\n\r\t ;\x00\\/.é日", "file_name", "
                     max_size=60).map("".join)
 
 
-@CSV_BUG
 @fuzz(300, shrink=False)
 @given(st.one_of(csv_text, csv_text.map(lambda body: "file_name,transcription\n" + body)),
        st.sampled_from(["utf-8", "utf-8-sig", "utf-16", "latin-1"]))
@@ -213,7 +203,6 @@ def _load_or_config_error(pairs: list[str]) -> None:
         load_config(None, pairs)
 
 
-@OVERRIDE_BUG
 @fuzz(500, shrink=False)
 @given(st.lists(st.one_of(
     st.text(max_size=40),
@@ -228,7 +217,6 @@ def test_random_override_pairs_load_or_are_a_config_error(pairs):
     _load_or_config_error(pairs)
 
 
-@OVERRIDE_BUG
 @fuzz(300, shrink=False)
 @given(st.sampled_from(KNOWN_KEYS),
        st.one_of(override_value, st.sampled_from(["[", "{", ".inf", "-.nan", "1e999", "~",

@@ -210,6 +210,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return False
         raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if annotation in (int, float, str):
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{where}: expected {annotation.__name__}, got "
+                              f"{type(value).__name__} {value!r} (no such sub-keys here)")
         try:
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError
@@ -259,11 +262,23 @@ def parse_overrides(pairs: list[str] | tuple[str, ...]) -> dict[str, Any]:
         if "=" not in pair:
             raise ConfigError(f"override {pair!r} must look like section.key=value")
         dotted, raw = pair.split("=", 1)
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise ConfigError(f"override {pair!r}: the value is not valid YAML ({problem}); "
+                              "quote it, e.g. key='[text'") from None
         node = tree
         *parents, leaf = dotted.strip().split(".")
-        for part in parents:
+        for depth, part in enumerate(parents):
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                section = ".".join(parents[:depth + 1])
+                raise ConfigError(f"override {pair!r}: {section} was already set to a value, "
+                                  "so it has no keys to set")
+        if isinstance(node.get(leaf), dict):
+            raise ConfigError(f"override {pair!r}: {dotted.strip()} is a section; set its keys "
+                              f"instead ({dotted.strip()}.<key>=...)")
         node[leaf] = value
     return tree
 

@@ -102,6 +102,12 @@ def _outside_folder(folder: Path, name: str) -> str | None:
     return f"file_name {reason}; " + _OUTSIDE_HINT.format(folder=folder)
 
 
+def _csv_error(path: Path, reader: csv.DictReader, exc: csv.Error) -> str:
+    return (f"{path} line {reader.line_num}: not a readable CSV row ({exc}); check quoting and "
+            "that the file is plain UTF-8 text (no NUL bytes, no field over "
+            f"{csv.field_size_limit()} characters)")
+
+
 def _read_metadata_csv(folder: Path, allow_outside: bool = False) -> LoadedData:
     path = folder / METADATA_FILE
     raw = path.read_bytes()
@@ -114,7 +120,10 @@ def _read_metadata_csv(folder: Path, allow_outside: bool = False) -> LoadedData:
             "UTF-8, e.g. `iconv -f latin1 -t utf-8 metadata.csv > fixed.csv`."
         ) from None
     reader = csv.DictReader(io.StringIO(text))
-    columns = [c.strip() for c in (reader.fieldnames or [])]
+    try:
+        columns = [c.strip() for c in (reader.fieldnames or [])]
+    except csv.Error as exc:
+        raise DataError(_csv_error(path, reader, exc)) from None
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
     if missing:
         raise DataError(
@@ -124,11 +133,22 @@ def _read_metadata_csv(folder: Path, allow_outside: bool = False) -> LoadedData:
     reader.fieldnames = columns
     examples: list[Example] = []
     problems: list[Problem] = []
-    for row in reader:
+    rows = iter(reader)
+    while True:
+        try:
+            row = next(rows)
+        except StopIteration:
+            break
+        except csv.Error as exc:  # a field over csv.field_size_limit, a stray NUL ...
+            raise DataError(_csv_error(path, reader, exc)) from None
         where = f"{path} line {reader.line_num}"
         name = (row.get("file_name") or "").strip()
         if not name:
             problems.append(Problem(where, "<empty>", "file_name is empty"))
+            continue
+        if "\x00" in name:
+            problems.append(Problem(where, repr(name), "file_name contains a NUL byte; "
+                                    "fix the row (the file may be corrupt)"))
             continue
         outside = None if allow_outside else _outside_folder(folder, name)
         if outside:
