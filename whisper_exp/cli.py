@@ -47,6 +47,22 @@ def main(verbose: bool) -> None:
     _setup_logging(verbose)
 
 
+_FAIL_ON_REGRESSION = click.option(
+    "--fail-on-regression", is_flag=True, help="Exit with code 3 (after logging the whole run) "
+    "when a guard set's WER is worse than the base model's by more than "
+    "evaluation.max_regression: for CI.")
+
+
+def _exit_on_regression(regressions, fail: bool, consequence: str = "") -> None:
+    from whisper_exp.guards import REGRESSION_EXIT_CODE, failure_line
+
+    line = failure_line(regressions)
+    if line:
+        click.echo(f"warning: {line}" if not fail else f"error: {line}{consequence}", err=True)
+        if fail:
+            sys.exit(REGRESSION_EXIT_CODE)
+
+
 def _common(func):
     """Config, override and tracking options of train, evaluate and tune. ``--sets`` carries
     many overrides in one string (MLproject parameters are single strings); its pairs are split
@@ -109,7 +125,8 @@ def _model_and_data(func):
               "to the new version.")
 @click.option("--resume", "resume_run_id", default="", help="Continue this crashed/killed run "
               "from its last checkpoint, with its own config (other options are ignored).")
-def train(config_path, sets, register_name, alias, resume_run_id, **named):
+@_FAIL_ON_REGRESSION
+def train(config_path, sets, register_name, alias, resume_run_id, fail_on_regression, **named):
     """Fine-tune Whisper and log params, curves, WER/CER, memory and the model to MLflow."""
     from whisper_exp.training import resume
     from whisper_exp.training import train as run_training
@@ -127,6 +144,8 @@ def train(config_path, sets, register_name, alias, resume_run_id, **named):
         return
     click.echo(f"run_id={result.run_id} wer={result.final.scores.wer:.4f} "
                f"cer={result.final.scores.cer:.4f} model={result.model_dir}")
+    _exit_on_regression(result.regressions, fail_on_regression,
+                        " (the run is logged; not registered)" if register_name else "")
     if register_name:
         _register_and_report(result.run_id, register_name, alias, adapter_only=False)
 
@@ -140,10 +159,13 @@ def train(config_path, sets, register_name, alias, resume_run_id, **named):
               "(logs base_wer, wer and wer_delta).")
 @click.option("--num-beams", default="", help="Beam size (1 = greedy).")
 @click.option("--eval-batch-size", default="", help="Decoding batch size.")
-def evaluate(config_path, sets, model, data, compare_with, **named):
+@_FAIL_ON_REGRESSION
+def evaluate(config_path, sets, model, data, compare_with, fail_on_regression, **named):
     """Score a model's WER/CER on a dataset (optionally against a base model)."""
     from whisper_exp.evaluation import run_evaluation
 
+    if fail_on_regression and not compare_with:
+        raise click.UsageError("--fail-on-regression needs --compare BASE_MODEL")
     cfg = resolve_config(config_path or None, named, sets)
     check_tracking_uri(cfg.tracking.tracking_uri)
     report = run_evaluation(model, data, cfg, compare_with=compare_with or None)
@@ -152,6 +174,7 @@ def evaluate(config_path, sets, model, data, compare_with, **named):
         click.echo(f"{label}: wer={result.scores.wer:.4f} cer={result.scores.cer:.4f} "
                    f"utterances={len(result.rows)}")
     click.echo(f"run_id={report.run_id}")
+    _exit_on_regression(report.regressions, fail_on_regression)
 
 
 @main.command("prepare-data", context_settings=CONTEXT)

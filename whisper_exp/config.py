@@ -42,11 +42,27 @@ class ModelConfig:
 
 
 @dataclass
+class EvalSetConfig:
+    """A named eval set of ``data.eval_sets`` (YAML ``name: path`` or ``name: {source: ...}``)."""
+
+    source: str = ""
+    # Also score the base model (model.name) here; tuned worse by more than
+    # evaluation.max_regression tags the run ``regression.<name>``.
+    guard: bool = False
+    # Hugging Face datasets: the split (empty: data.eval_split_name, else data.train_split_name).
+    split: str | None = None
+
+
+@dataclass
 class DataConfig:
     train: str = "data/sample"
     # A separate eval folder / dataset. When empty, ``eval_split`` of ``train`` is held out.
     eval: str | None = None
     eval_split: float = 0.2
+    # More eval sets, scored after training with metrics prefixed by name (``general/wer``):
+    # e.g. {general: {source: data/librispeech-clean-300, guard: true}}. data.eval (or the
+    # held-out split) stays the primary set: the unprefixed ``wer`` that tuning optimises.
+    eval_sets: dict[str, EvalSetConfig] = field(default_factory=dict)
     # For Hugging Face datasets: split names and column names.
     train_split_name: str = "train"
     eval_split_name: str | None = None
@@ -115,6 +131,9 @@ class TrainingConfig:
     # -1 = none (short runs, Optuna trials, benchmarks).
     checkpoint_steps: int = 0
     checkpoints_kept: int = 2
+    # With evaluations during training, ship the weights of the evaluation with the best dev WER
+    # (the final decode included), not the last step's; the run says which (``best_step``).
+    keep_best: bool = True
     # Cache log-mel features, and the frozen encoder part's output when the encoder (or its
     # bottom k layers) is frozen: computed once per utterance, reused by later epochs and trials.
     cache_encoder: bool = True
@@ -137,6 +156,10 @@ class EvaluationConfig:
     max_new_tokens: int | None = None
     # The report logs this many worst utterances (by WER) with their audio; 0: none.
     worst_n: int = 20
+    # Guard sets (data.eval_sets with guard: true, and the primary set when guard_primary):
+    # tuned WER worse than the base model's by more than this (absolute) tags the run.
+    max_regression: float = 0.02
+    guard_primary: bool = False
 
 
 @dataclass
@@ -195,6 +218,14 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, str) and "source" in {f.name for f in dataclasses.fields(annotation)}:
+            value = {"source": value}  # the short form: ``general: data/general``
+        return _build(annotation, value or {}, f"{where}.")
     if origin is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]

@@ -9,6 +9,7 @@ file and row before any training starts, so one run reports all bad rows at once
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import io
 import logging
@@ -562,6 +563,29 @@ def load_eval_only(
     _require(good, source)
     return DatasetSplit([], _subset(good, cfg.max_eval_samples, seed), problems, notices,
                         "evaluation only")
+
+
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def load_eval_set(
+    name: str, source: str, cfg: DataConfig, *, split: str | None = None, **options: Any,
+) -> DatasetSplit:
+    """A named eval set of ``data.eval_sets``: :func:`load_eval_only` with the set's own split,
+    every error naming the set. A local path that does not exist fails at once (no hub lookup)."""
+    where = f"eval set {name!r} ({source})"
+    path = Path(source).expanduser()
+    # "data/general" with a ./data folder here is a missing folder, not a hub dataset.
+    local = not _HUB_NAME.match(source) or Path(path.parts[0]).is_dir()
+    if not source.strip() or (not path.exists() and local):
+        raise DataError(f"{where}: no such folder or dataset; fix data.eval_sets.{name}.source "
+                        "or remove the set")
+    if split:
+        cfg = dataclasses.replace(cfg, eval_split_name=split)
+    try:
+        return load_eval_only(str(path) if path.exists() else source, cfg, **options)
+    except DataError as exc:
+        raise DataError(f"{where}: {exc}") from None
 
 
 def load_splits(

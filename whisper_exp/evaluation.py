@@ -90,6 +90,8 @@ def compare_rows(base: EvalResult, tuned: EvalResult) -> list[dict[str, Any]]:
 class EvaluationReport:
     run_id: str
     results: dict[str, EvalResult]
+    # Under --compare: the model against the base (guards.Regression), for --fail-on-regression.
+    regressions: list[Any] = field(default_factory=list)
 
 
 def run_evaluation(
@@ -101,8 +103,12 @@ def run_evaluation(
     """The ``evaluate`` entry point: one MLflow run, one or two models on one dataset.
 
     With ``compare_with`` (the base model), both are scored on identical data and the run logs
-    ``base_wer``, ``wer`` and ``wer_delta`` plus a side-by-side table.
+    ``base_wer``, ``wer`` and ``wer_delta`` plus a side-by-side table; the data is a guard set:
+    worse than the base by more than ``evaluation.max_regression`` tags ``regression.eval``.
     """
+    from whisper_exp import guards  # guards builds on this module
+
+    regressions = []
     device = default_device()
     tracking.configure(cfg.tracking.tracking_uri, cfg.tracking.experiment_name)
     models = {"": model} if compare_with is None else {"base_": compare_with, "": model}
@@ -148,10 +154,12 @@ def run_evaluation(
         mlflow.set_tag("peak_memory_kind", kind)
         if compare_with is not None:
             base, tuned = results["base_"], results[""]
-            mlflow.log_metric("wer_delta", tuned.scores.wer - base.scores.wer)
+            regressions.append(guards.check_regression(guards.PRIMARY, tuned, base,
+                                                       cfg.evaluation.max_regression))
+            guards.log_regression(regressions[-1])  # wer_delta, and the tag past the threshold
             tracking.log_csv(compare_rows(base, tuned), "comparison.csv")
         run_page.set_description(run_page.evaluation_description(
             model=model, data=corpus, wer=results[""].scores.wer, cer=results[""].scores.cer,
             base_model=compare_with,
             base_wer=results["base_"].scores.wer if compare_with is not None else None))
-        return EvaluationReport(active.info.run_id, results)
+        return EvaluationReport(active.info.run_id, results, regressions)

@@ -254,31 +254,37 @@ def _markdown(report: Report, prefix: str) -> str:
 
 
 def log_evaluation_report(results: Mapping[str, EvalResult], examples: Sequence[Example], *,
-                          worst_n: int = 20, csv_dir: str = "") -> dict[str, Report]:
+                          worst_n: int = 20, csv_dir: str = "", name: str = ""
+                          ) -> dict[str, Report]:
     """Build and log the report of each result (keyed by metric prefix: ``""``, ``"base_"``)
     into the active run; ``csv_dir`` is where ``<prefix>predictions.csv`` has always gone
-    (``eval`` for train, the root for evaluate). Returns the reports."""
+    (``eval`` for train, the root for evaluate). ``name``: a named eval set's report, its
+    metrics prefixed ``<name>/`` and its artifacts under ``eval/<name>/``. Returns the
+    reports."""
     reports: dict[str, Report] = {}
-    for prefix, result in results.items():
+    set_prefix = f"{name}/" if name else ""
+    report_dir = f"{REPORT_DIR}/{name}" if name else REPORT_DIR
+    for key, result in results.items():
+        prefix = set_prefix + key
         report = build_report(result, examples, worst_n=worst_n)
-        reports[prefix] = report
-        log_csv(result.rows, f"{csv_dir}/{prefix}predictions.csv".lstrip("/"), CSV_COLUMNS)
+        reports[key] = report
+        log_csv(result.rows, f"{csv_dir}/{key}predictions.csv".lstrip("/"), CSV_COLUMNS)
         mlflow.log_param(f"{prefix}normalizer", report.normalizer)
         mlflow.log_metrics(_finite(report.metrics, prefix))
-        _log_table(report.predictions, f"{REPORT_DIR}/{prefix}predictions.json")
-        _log_table(report.errors, f"{REPORT_DIR}/{prefix}errors.json")
-        log_worst(report, examples, f"{REPORT_DIR}/{prefix}worst")
-        mlflow.log_text(_markdown(report, prefix), f"{REPORT_DIR}/{prefix}report.md")
+        _log_table(report.predictions, f"{report_dir}/{key}predictions.json")
+        _log_table(report.errors, f"{report_dir}/{key}errors.json")
+        log_worst(report, examples, f"{report_dir}/{key}worst")
+        mlflow.log_text(_markdown(report, prefix), f"{report_dir}/{key}report.md")
     slices = merge_slices(reports)
     if slices:
-        _log_table(slices, f"{REPORT_DIR}/slices.json")
-        mlflow.log_figure(slice_figure(slices), f"{REPORT_DIR}/slices.png")
+        _log_table(slices, f"{report_dir}/slices.json")
+        mlflow.log_figure(slice_figure(slices), f"{report_dir}/slices.png")
     if "" in reports and "base_" in reports:
         tuned, base = reports[""].metrics, reports["base_"].metrics
         deltas = {f"{k}_delta": tuned[k] - base[k]
                   for k in ("wer_orthographic", "ins_rate", "loop_share", "repeated_ngram_rate")
                   if k in tuned and k in base}
-        mlflow.log_metrics(_finite(deltas, ""))
+        mlflow.log_metrics(_finite(deltas, set_prefix))
         if deltas.get("loop_share_delta", 0) > 0:
-            mlflow.set_tag("report.loops_more_than_base", "true")
+            mlflow.set_tag(f"report.{name + '.' if name else ''}loops_more_than_base", "true")
     return reports

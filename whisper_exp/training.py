@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from transformers import (
     set_seed,
 )
 
-from whisper_exp import report, run_page, tracking
+from whisper_exp import guards, report, run_page, tracking
 from whisper_exp.audio import probe
 from whisper_exp.cache import audio_fingerprint, shared_cache
 from whisper_exp.cache_training import (
@@ -170,12 +171,67 @@ def _wer_metric(processor: WhisperProcessor, language: str | None):
     return compute
 
 
+class KeepBestCallback(TrainerCallback):
+    """Remembers the evaluation with the lowest ``eval_wer`` in ``state.best_metric`` /
+    ``best_global_step`` (so Trainer's checkpoint rotation keeps that checkpoint and a resumed
+    run still knows it) and, when no checkpoint is written at that step, copies the trainable
+    weights to CPU memory (for LoRA just the adapter)."""
+
+    def __init__(self) -> None:
+        self.step: int | None = None
+        self.weights: dict[str, torch.Tensor] = {}
+
+    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+        wer = (metrics or {}).get("eval_wer")
+        if wer is None or not math.isfinite(wer) or model is None:
+            return  # the last step's evaluation is loss-only: train() decodes after it
+        if state.best_metric is not None and wer >= state.best_metric:
+            return
+        state.best_metric, state.best_global_step = float(wer), state.global_step
+        if control.should_save:  # Trainer writes checkpoint-<step> right after this
+            self.step, self.weights = None, {}
+            return
+        self.step = state.global_step
+        self.weights = {name: param.detach().to("cpu", copy=True)
+                        for name, param in model.named_parameters() if param.requires_grad}
+
+    def restore(self, model: torch.nn.Module) -> None:
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in self.weights.items():
+                params[name].copy_(value.to(params[name].device))
+
+
+def _restore_best(trainer: WhisperTrainer, keeper: KeepBestCallback, trainer_dir: Path,
+                  last_wer: float) -> int | None:
+    """Load the best intermediate evaluation's weights into ``trainer.model`` when its WER beats
+    the final decode's ``last_wer``; returns its step, or None when the last model is kept."""
+    state = trainer.state
+    step, best = state.best_global_step, state.best_metric
+    if step is None or best is None or step >= state.global_step or not best < last_wer:
+        return None
+    checkpoint = trainer_dir / f"checkpoint-{step}"
+    if checkpoint.is_dir():
+        trainer._load_from_checkpoint(str(checkpoint))
+    elif keeper.step == step:
+        keeper.restore(trainer.model)
+    else:
+        log.warning("best evaluation was at step %d but neither its checkpoint nor its weights "
+                    "are left (resumed run?): keeping the last step's model", step)
+        return None
+    log.info("keeping step %d (eval WER %.2f%%) over the last step (%.2f%%)", step, 100 * best,
+             100 * last_wer)
+    return step
+
+
 @dataclass
 class TrainResult:
     run_id: str
     model_dir: Path
     final: EvalResult | None  # None on ranks other than 0 in multi-process training
     metrics: dict[str, float]
+    # Guard sets compared with the base model (exceeded ones fail --fail-on-regression).
+    regressions: list[guards.Regression] = field(default_factory=list)
 
 
 # Tag with the absolute folder of a run's checkpoints and model, so --resume finds them from any
@@ -251,17 +307,20 @@ def _log_data(split: DatasetSplit, mlf: tracking.Tracker) -> None:
 
 def _final_evaluation(cfg: ExperimentConfig, model: torch.nn.Module, processor: WhisperProcessor,
                       model_dir: Path, split: DatasetSplit, language: str | None,
-                      device: torch.device) -> tuple[EvalResult, str]:
+                      device: torch.device
+                      ) -> tuple[EvalResult, str, torch.nn.Module, WhisperProcessor]:
     """Score the model that ``register`` and ``export`` ship: for QLoRA that is the adapter
-    merged into the fp32 base (re-loaded from ``model_dir``), not the 4-bit model trained."""
+    merged into the fp32 base (re-loaded from ``model_dir``), not the 4-bit model trained.
+    Returns the result, its description, and the model and processor scored."""
     if cfg.finetuning.strategy == "qlora":
         merged, merged_processor = load_for_inference(str(model_dir), device)
         result = evaluate_examples(merged, merged_processor, split.eval, cfg.evaluation,
                                    language=language)
-        return result, "adapter merged into the fp32 base (as registered and exported)"
+        return (result, "adapter merged into the fp32 base (as registered and exported)",
+                merged, merged_processor)
     model.eval()
     result = evaluate_examples(model, processor, split.eval, cfg.evaluation, language=language)
-    return result, "the trained model (as registered and exported)"
+    return result, "the trained model (as registered and exported)", model, processor
 
 
 def train(
@@ -307,12 +366,17 @@ def train(
         # What load_base put in the prompt (model.language, or the default with a notice): the
         # transcripts' text case and the WER normaliser follow it.
         language = model.generation_config.language if is_multilingual(model) else "english"
-        split = load_splits(
-            cfg.data, seed=cfg.training.seed, language=language,
+        # The base model scored on guard sets gets the same language prompt.
+        base_language = language if is_multilingual(model) else None
+        label_limits = dict(
             count_label_tokens=lambda text: len(processor.tokenizer(text).input_ids),
-            max_label_tokens=model.config.max_target_positions,
-        )
+            max_label_tokens=model.config.max_target_positions)
+        split = load_splits(cfg.data, seed=cfg.training.seed, language=language, **label_limits)
         _log_data(split, mlf)
+        # Read now: a missing or broken eval set fails before anything trains.
+        eval_sets = guards.load_eval_sets(cfg, seed=cfg.training.seed, language=language,
+                                          **label_limits)
+        mlf.log_params({f"data.n_eval.{name}": len(s.eval) for name, s in eval_sets.items()})
         model = apply_strategy(model, cfg.finetuning)
         params = count_parameters(model)
         mlf.log_metrics({"trainable_params": params.trainable, "total_params": params.total,
@@ -337,6 +401,7 @@ def train(
             features.cache.reset_counters()
         encoder_cache = prepare_encoder_cache(cfg, model, [train_set, eval_set], features,
                                               device, mlf)
+        keeper = KeepBestCallback()
         trainer_kwargs: dict[str, Any] = dict(
             model=model,
             args=training_arguments(cfg, output_dir / "trainer", device),
@@ -344,7 +409,7 @@ def train(
             eval_dataset=eval_set,
             compute_metrics=_wer_metric(processor, language),
             callbacks=[MlflowMetricsCallback(), checkpoint_space_callback(output_dir / "trainer"),
-                       *callbacks],
+                       keeper, *callbacks],
             max_new_tokens=cfg.evaluation.max_new_tokens,
         )
         if encoder_cache is not None:
@@ -369,17 +434,42 @@ def train(
         if not mlf.enabled:  # other ranks: the main process saves, evaluates and logs
             return TrainResult(run_id, output_dir / "model", None, {})
         model_dir = save_trained(trainer.model, processor, output_dir / "model", cfg)
-        mlf.log_directory(model_dir, "model")
-
-        final, evaluated = _final_evaluation(cfg, trainer.model, processor, model_dir, split,
-                                             language, device)
-        mlf.set_tag("wer_model", evaluated)
+        final, evaluated, scored_model, scored_processor = _final_evaluation(
+            cfg, trainer.model, processor, model_dir, split, language, device)
         # The curve's last point: the Trainer's evaluation at the last step computed the loss
         # only, this decode (the one the objective and pruning read) completes it.
         mlf.log_metrics({"eval_wer": final.scores.wer, "eval_cer": final.scores.cer},
                         step=outcome.global_step)
-        report.log_evaluation_report({"": final}, split.eval, worst_n=cfg.evaluation.worst_n,
+        model_step = outcome.global_step
+        best_step = (_restore_best(trainer, keeper, output_dir / "trainer", final.scores.wer)
+                     if cfg.training.keep_best else None)
+        if best_step is not None:  # an earlier evaluation beat the last step: ship that one
+            model_step = best_step
+            model_dir = save_trained(trainer.model, processor, output_dir / "model", cfg)
+            final, evaluated, scored_model, scored_processor = _final_evaluation(
+                cfg, trainer.model, processor, model_dir, split, language, device)
+        mlf.set_tag("wer_model", f"{evaluated}, weights of step {model_step}")
+        mlf.set_tag("best_step", str(model_step))
+        mlf.log_directory(model_dir, "model")
+
+        base = functools.cache(lambda: load_for_inference(
+            cfg.model.name, device, language=base_language, task=cfg.model.task))
+        scored = {"": final}
+        regressions = []
+        if cfg.evaluation.guard_primary:
+            base_model, base_processor = base()
+            scored["base_"] = evaluate_examples(base_model, base_processor, split.eval,
+                                                cfg.evaluation, language=language)
+            mlf.log_metrics(scored["base_"].metrics("base_"))
+            regressions.append(guards.check_regression(guards.PRIMARY, final, scored["base_"],
+                                                       cfg.evaluation.max_regression))
+            guards.log_regression(regressions[-1])
+        report.log_evaluation_report(scored, split.eval, worst_n=cfg.evaluation.worst_n,
                                      csv_dir="eval")
+        _, set_regressions = guards.score_eval_sets(eval_sets, cfg, scored_model,
+                                                    scored_processor, language=language,
+                                                    base=base)
+        regressions += set_regressions
         peak, kind = tracking.peak_memory_mb(device)
         metrics = {
             "wer": final.scores.wer,
@@ -390,6 +480,7 @@ def train(
             "train_runtime_s": wall,
             "train_loss_mean": outcome.metrics.get("train_loss", math.nan),
             "global_steps": outcome.global_step,
+            "best_step": model_step,
             "eval_rtfx": final.rtfx,
         }
         if encoder_cache is not None:
@@ -401,4 +492,4 @@ def train(
         mlf.set_tag("peak_memory_kind", kind)
         log.info("run %s: WER %.2f%%, CER %.2f%%", run_id, 100 * final.scores.wer,
                  100 * final.scores.cer)
-        return TrainResult(run_id, model_dir, final, metrics)
+        return TrainResult(run_id, model_dir, final, metrics, regressions)
