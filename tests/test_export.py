@@ -329,3 +329,88 @@ def test_registered_versions_and_training_folders_name_their_run(tmp_path, exper
     unknown.mkdir(parents=True)
     assert source_run_id(str(unknown)) is None
     assert source_run_id("models:/no-such-model@champion") is None
+
+
+def _run_with_eval_rows(model_dir: Path, sample_dir: Path, tmp_path: Path,
+                        n: int = 3) -> tuple[str, Path]:
+    """A finished run laid out as train() leaves it: params naming its data, the model in
+    outputs/<run_id>/model, and eval/predictions.csv listing eval files with references."""
+    import shutil
+
+    with (sample_dir / "metadata.csv").open(encoding="utf-8") as handle:
+        rows = list(csv.DictReader(handle))[:n]
+    with mlflow.start_run() as run:
+        mlflow.log_params({"data.train": str(sample_dir), "data.eval": "None"})
+        lines = ["file,reference,hypothesis,wer"] + [
+            f"{r['file_name']},{r['transcription']},,1.0" for r in rows]
+        mlflow.log_text("\n".join(lines) + "\n", "eval/predictions.csv")
+        mlflow.log_metric("wer", 1.0)
+    trained = Path(shutil.copytree(model_dir, tmp_path / "outputs" / run.info.run_id / "model"))
+    return run.info.run_id, trained
+
+
+def test_an_export_is_scored_on_its_run_s_eval_clips_beside_the_source(says_the_path, sample_dir,
+                                                                      tmp_path):
+    run_id, trained = _run_with_eval_rows(says_the_path, sample_dir, tmp_path)
+    result = CliRunner().invoke(main, ["export", "--model", str(trained), "--output",
+                                       str(tmp_path / "hf")])
+    assert result.exit_code == 0, result.output
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    assert metrics["export_wer/hf-float32"] == metrics["export_wer/source"] > 0.5
+    assert metrics["wer"] == 1.0, "the run's own wer stays beside it"
+    check = json.loads((tmp_path / "hf" / "whisper_exp.json").read_text())["export_check"]
+    assert check["clips"] == 3 and check["clips_from"] == f"runs:/{run_id}/eval/predictions.csv"
+    assert f"export_wer={check['export_wer']:.4f}" in result.output
+
+
+def test_a_far_worse_export_is_refused_and_nothing_is_logged(says_the_path, sample_dir, tmp_path,
+                                                             monkeypatch):
+    run_id, trained = _run_with_eval_rows(says_the_path, sample_dir, tmp_path, n=2)
+    monkeypatch.setattr("whisper_exp.export_check.export_transcripts",
+                        lambda fmt, output, audios: ["broken " * 100] * len(audios))
+    args = ["export", "--model", str(trained), "--output", str(tmp_path / "hf")]
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2, refused.output
+    assert "error: refused the hf-float32 export" in refused.output
+    assert "--force" in refused.output
+    assert not (tmp_path / "hf").exists(), "a refused export is removed"
+    assert not MlflowClient().list_artifacts(run_id, "exports")
+    assert not any(k.startswith("export_wer") for k in MlflowClient().get_run(run_id).data.metrics)
+
+    lenient = CliRunner().invoke(main, [*args, "--max-wer-increase", "1000"])
+    assert lenient.exit_code == 0, lenient.output
+    forced = CliRunner().invoke(main, [*args, "--overwrite", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert json.loads((tmp_path / "hf" / "whisper_exp.json").read_text())[
+        "export_check"]["forced"] is True
+    assert MlflowClient().get_run(run_id).data.metrics["export_wer/hf-float32"] > 10
+
+
+def test_check_data_is_used_and_a_model_without_clips_is_exported_with_a_note(
+        says_the_path, sample_dir, tmp_path):
+    noted = CliRunner().invoke(main, ["export", "--model", str(says_the_path), "--output",
+                                      str(tmp_path / "plain")])
+    assert noted.exit_code == 0, noted.output
+    assert "note: export not checked" in noted.output
+    checked = CliRunner().invoke(main, ["export", "--model", str(says_the_path), "--output",
+                                        str(tmp_path / "checked"), "--check-data",
+                                        str(sample_dir), "--check-clips", "2"])
+    assert checked.exit_code == 0, checked.output
+    check = json.loads((tmp_path / "checked" / "whisper_exp.json").read_text())["export_check"]
+    assert check["clips"] == 2 and check["clips_from"] == str(sample_dir)
+
+
+def test_ctranslate2_export_carries_what_openai_compatible_servers_load(tiny_english_path,
+                                                                        tmp_path):
+    import yaml
+
+    out = export_model(str(tiny_english_path), tmp_path / "ct2", fmt="ctranslate2",
+                       quantization="int8")
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n")
+    front_matter = yaml.safe_load(card.split("---\n")[1])
+    assert front_matter["library_name"] == "ctranslate2"
+    assert front_matter["license"] == "apache-2.0" and front_matter["language"] == ["en"]
+    assert {"audio", "automatic-speech-recognition"} <= set(front_matter["tags"])
+    assert {"tokenizer.json", "preprocessor_config.json", "model.bin"} <= {
+        p.name for p in out.iterdir()}

@@ -198,30 +198,50 @@ def prepare_data(folder, model, max_duration):
 @main.command(context_settings=CONTEXT)
 @click.option("--model", required=True, help="Hub name, local path, runs:/<run_id>[/model] "
               "or models:/<name>@<alias>; LoRA/QLoRA adapters are merged into their base.")
-@click.option("--format", "fmt", type=click.Choice(["hf", "ctranslate2"]), default="hf",
+@click.option("--format", "fmt", type=click.Choice(["hf", "ctranslate2", "ggml"]), default="hf",
               show_default=True, help="hf: merged Hugging Face model; ctranslate2: a model "
-              "faster-whisper loads.")
+              "faster-whisper loads; ggml: a whisper.cpp model file.")
 @click.option("--quantization", default="", help="ctranslate2: int8 | int8_float32 | "
               "int8_float16 | float16 | bfloat16 | float32 ...; hf: float32 | float16 | "
-              "bfloat16. Empty: float32.")
+              "bfloat16; ggml: f16 | q8_0 | q5_0 | f32. Empty: float32 (ggml: f16).")
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="Folder to write the exported model to.")
 @click.option("--overwrite", is_flag=True, help="Replace an earlier export in --output.")
 @click.option("--no-log", is_flag=True, help="Do not log the export to the model's MLflow run.")
+@click.option("--check-data", default="", help="Clips to check the export on (a data folder or "
+              "dataset); default: the source run's eval rows; neither: the check is skipped.")
+@click.option("--check-clips", default=8, show_default=True, type=click.IntRange(min=1),
+              help="How many clips the export is checked on.")
+@click.option("--max-wer-increase", default=0.05, show_default=True,
+              type=click.FloatRange(min=0), help="Refuse an export whose WER on the check "
+              "clips exceeds the source model's by more than this (0.05 = 5 points).")
+@click.option("--force", is_flag=True, help="Keep and log an export the check would refuse.")
 @click.option("--tracking-uri", default="", help="MLflow tracking URI (default: "
               "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
-def export(model, fmt, quantization, output, overwrite, no_log, tracking_uri):
-    """Export a model as a merged Hugging Face folder or for faster-whisper (CTranslate2)."""
+def export(model, fmt, quantization, output, overwrite, no_log, check_data, check_clips,
+           max_wer_increase, force, tracking_uri):
+    """Export a model as a merged Hugging Face folder, for faster-whisper (CTranslate2) or for
+    whisper.cpp (GGML); the export is then scored against its source model on a few clips."""
+    import json as json_lib
+
     from whisper_exp import tracking
     from whisper_exp.export import ExportError, export_model
 
     tracking.configure(tracking_uri or None, None)
     try:
         path = export_model(model, output, fmt=fmt, quantization=quantization or None,
-                            log_to_run=not no_log, overwrite=overwrite)
+                            log_to_run=not no_log, overwrite=overwrite,
+                            check_data=check_data or None, check_clips=check_clips,
+                            max_wer_increase=max_wer_increase, force=force)
     except ExportError as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(2)
+    check = json_lib.loads((path / "whisper_exp.json").read_text()).get("export_check", {})
+    if "export_wer" in check:
+        click.echo(f"export_wer={check['export_wer']:.4f} source_wer={check['source_wer']:.4f} "
+                   f"clips={check['clips']} ({check['clips_from']})")
+    elif "skipped" in check:
+        click.echo(f"note: {check['skipped']}", err=True)
     click.echo(f"exported={path}")
 
 

@@ -1,12 +1,13 @@
-"""Export a model for deployment: a merged Hugging Face folder, or CTranslate2 for faster-whisper.
+"""Export a model for deployment: a merged Hugging Face folder, CTranslate2 for faster-whisper,
+or a whisper.cpp (GGML) model file.
 
 Every export starts from ``modeling.load_for_inference`` (LoRA/QLoRA adapters merged into their
-base, fp32), so both formats carry exactly the weights ``evaluate`` scores. The CTranslate2 model
+base, fp32), so every format carries exactly the weights ``evaluate`` scores. The CTranslate2 model
 is converted from that merged folder with the ``ctranslate2`` package's transformers converter,
 with ``tokenizer.json`` and ``preprocessor_config.json`` copied in so
 ``faster_whisper.WhisperModel`` loads it offline (without them it fetches a tokenizer from the
-hub). An export of a model that came from an MLflow run is logged back to that run as
-``exports/<format>-<precision>/``.
+hub). The GGML file is written from the same merged folder by ``ggml_export``. An export of a
+model that came from an MLflow run is logged back to that run as ``exports/<format>-<precision>/``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,13 @@ import logging
 import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
+from mlflow.entities import Metric
 
 # The faster-whisper runtime lives in the torch-free ctranslate2_backend (a ctranslate2-backend
 # server imports it without torch); its functions stay importable from here.
@@ -27,6 +31,22 @@ from whisper_exp.ctranslate2_backend import (  # noqa: F401
     is_ctranslate2_model,
     load_faster_whisper,
     transcribe_with_faster_whisper,
+)
+from whisper_exp.data import language_code
+from whisper_exp.export_check import (
+    DEFAULT_CHECK_CLIPS,
+    DEFAULT_MAX_WER_INCREASE,
+    CheckClips,
+    ExportCheck,
+    check_export,
+    folder_clips,
+    run_eval_clips,
+)
+from whisper_exp.ggml_export import (
+    GGML_MODEL_FILE,
+    GGML_PRECISIONS,
+    GGMLExportError,
+    convert_to_ggml,
 )
 from whisper_exp.modeling import (
     ADAPTER_CONFIG,
@@ -44,7 +64,7 @@ from whisper_exp.storage import (
 
 log = logging.getLogger(__name__)
 
-EXPORT_FORMATS = ("hf", "ctranslate2")
+EXPORT_FORMATS = ("hf", "ctranslate2", "ggml")
 # Weight types the CTranslate2 converter accepts (ctranslate2.specs.model_spec).
 CTRANSLATE2_QUANTIZATIONS = ("int8", "int8_float32", "int8_float16", "int8_bfloat16", "int16",
                              "float16", "bfloat16", "float32")
@@ -53,11 +73,17 @@ HF_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": tor
 # hub) and the feature extractor settings (mel bins: 80 for tiny..large-v2, 128 for large-v3).
 CTRANSLATE2_COPY_FILES = ("tokenizer.json", "preprocessor_config.json")
 EXPORTS_ARTIFACT_DIR = "exports"
+# The license OpenAI publishes the Whisper checkpoints under on the Hugging Face hub.
+MODEL_CARD_LICENSE = "apache-2.0"
 _RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 class ExportError(ValueError):
     """A user error (bad format, quantization, model reference or output folder)."""
+
+
+class ExportRefused(ExportError):
+    """The written export scores far worse than its source model: removed, not logged."""
 
 
 def export_model(
@@ -67,21 +93,33 @@ def export_model(
     quantization: str | None = None,
     log_to_run: bool = True,
     overwrite: bool = False,
+    check_data: str | Path | None = None,
+    check_clips: int = DEFAULT_CHECK_CLIPS,
+    max_wer_increase: float = DEFAULT_MAX_WER_INCREASE,
+    force: bool = False,
 ) -> Path:
     """Write ``model_ref`` (hub name, path, ``runs:/<id>``, ``models:/<name>@<alias>``) to
     ``output_dir`` as a merged Hugging Face model (``fmt="hf"``, ``quantization`` picks the
-    saved dtype, fp32 by default) or a CTranslate2 model (``fmt="ctranslate2"``, ``quantization``
-    is the converter's weight type, the model's fp32 by default).
+    saved dtype, fp32 by default), a CTranslate2 model (``fmt="ctranslate2"``, ``quantization``
+    is the converter's weight type, the model's fp32 by default) or a whisper.cpp file
+    (``fmt="ggml"``, f16 by default, or q8_0 / q5_0 / f32).
 
-    With ``log_to_run`` the result is also logged to the source run (see ``source_run_id``) as
-    ``exports/<fmt>-<quantization or float32>/``. ``overwrite`` replaces an earlier export in
-    ``output_dir``; any other non-empty folder is refused rather than deleted.
+    The written export then proves itself (``export_check``): ``check_clips`` clips from
+    ``check_data`` when given, else from the source run's eval rows, are decoded by the export
+    and by the source model; more than ``max_wer_increase`` (absolute WER) worse and the export
+    is removed and refused (``ExportRefused``) unless ``force``. The outcome is recorded in the
+    export's ``whisper_exp.json`` (``export_check``). With ``log_to_run`` the export is logged
+    to the source run (see ``source_run_id``) as ``exports/<fmt>-<precision>/`` with
+    ``export_wer/<fmt>-<precision>`` and ``export_wer/source`` beside its ``wer``.
+    ``overwrite`` replaces an earlier export in ``output_dir``; any other non-empty folder is
+    refused rather than deleted.
     """
     precision = check_export_options(fmt, quantization)
     output = Path(output_dir).expanduser()
     replace_existing = _check_output(output, overwrite)
     local_model = _resolve_local_model(model_ref)
-    run_id = source_run_id(model_ref) if log_to_run else None
+    source_run = source_run_id(model_ref)
+    run_id = source_run if log_to_run else None
     if replace_existing:  # only now that the model is known to exist
         shutil.rmtree(output)
 
@@ -90,31 +128,75 @@ def export_model(
     else:
         with tempfile.TemporaryDirectory(prefix="whisper-exp-merged-") as merged:
             save_merged_hf(local_model, Path(merged), dtype=torch.float32, source=model_ref)
-            convert_to_ctranslate2(merged, output, quantization)
+            if fmt == "ggml":
+                write_ggml_export(merged, output, precision)
+            else:
+                convert_to_ctranslate2(merged, output, quantization)
     log.info("exported %s as %s (%s) to %s", model_ref, fmt, precision, output)
+    check = _prove_export(fmt, precision, output, local_model, source_run, check_data,
+                          check_clips, max_wer_increase, force)
 
     if run_id is not None:
         artifact_path = f"{EXPORTS_ARTIFACT_DIR}/{fmt}-{precision}"
         from mlflow.tracking import MlflowClient
 
-        MlflowClient().log_artifacts(run_id, str(output), artifact_path)
+        client = MlflowClient()
+        client.log_artifacts(run_id, str(output), artifact_path)
+        if check is not None:
+            client.log_batch(run_id, metrics=[
+                Metric(key, value, int(time.time() * 1000), 0)
+                for key, value in check.metrics().items()])
         log.info("logged the export to runs:/%s/%s", run_id, artifact_path)
     elif log_to_run:
         log.info("%s is not from an MLflow run; the export is not logged", model_ref)
     return output
 
 
+def _prove_export(fmt: str, precision: str, output: Path, source_model: str,
+                  source_run: str | None, check_data: str | Path | None, check_clips: int,
+                  max_wer_increase: float, force: bool) -> ExportCheck | None:
+    """Score the written export against its source model (see ``export_model``), record the
+    outcome in its ``whisper_exp.json``, and remove and refuse one that is far worse."""
+    clips: CheckClips | None = None
+    if check_data:
+        clips = folder_clips(check_data, check_clips)
+    elif source_run is not None:
+        clips = run_eval_clips(source_run, check_clips)
+    meta_file = output / METADATA_FILE
+    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+    if clips is None:
+        note = ("export not checked: no clips (the model comes from no run with "
+                "eval/predictions.csv whose audio is here; pass --check-data FOLDER)")
+        log.warning(note)
+        meta["export_check"] = {"skipped": note}
+        meta_file.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+        return None
+    check = check_export(fmt, precision, output, source_model, clips)
+    if check.increase > max_wer_increase and not force:
+        shutil.rmtree(output)
+        raise ExportRefused(
+            f"refused the {check.key} export: {check.summary()} is {100 * check.increase:.1f} "
+            f"WER points worse (limit {100 * max_wer_increase:.1f}, --max-wer-increase); the "
+            f"export was removed and nothing was logged (--force keeps and logs it)")
+    meta["export_check"] = {"export_wer": check.export_wer, "source_wer": check.source_wer,
+                            "clips": check.n_clips, "clips_from": check.clips_source,
+                            "forced": bool(force and check.increase > max_wer_increase)}
+    meta_file.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return check
+
+
 def check_export_options(fmt: str, quantization: str | None) -> str:
     """Validate before any model is loaded; returns the precision that names the export."""
     if fmt not in EXPORT_FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
-    allowed = tuple(HF_DTYPES) if fmt == "hf" else CTRANSLATE2_QUANTIZATIONS
+    allowed = {"hf": tuple(HF_DTYPES), "ctranslate2": CTRANSLATE2_QUANTIZATIONS,
+               "ggml": tuple(GGML_PRECISIONS)}[fmt]
     if quantization is not None and quantization not in allowed:
         hint = (" (int8 weights need --format ctranslate2)"
                 if fmt == "hf" and quantization in CTRANSLATE2_QUANTIZATIONS else "")
         raise ExportError(f"quantization {quantization!r} is not available for {fmt}; use one "
                           f"of {', '.join(allowed)}{hint}")
-    return quantization or "float32"
+    return quantization or ("f16" if fmt == "ggml" else "float32")
 
 
 def _check_output(output: Path, overwrite: bool) -> bool:
@@ -126,7 +208,7 @@ def _check_output(output: Path, overwrite: bool) -> bool:
     if not overwrite:
         raise ExportError(f"output folder {output} is not empty; pass overwrite "
                           "(--overwrite) to replace an earlier export")
-    if not (output / "config.json").exists():
+    if not (output / "config.json").exists() and not (output / METADATA_FILE).exists():
         raise ExportError(f"output folder {output} is not empty and holds no model; "
                           "refusing to delete it")
     return True
@@ -255,4 +337,43 @@ def convert_to_ctranslate2(hf_dir: str | Path, output: Path, quantization: str |
     meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
     meta.update({"format": "ctranslate2", "precision": quantization or "float32"})
     (output / METADATA_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    write_model_card(output, meta)
     return output
+
+
+def write_model_card(output: Path, meta: dict[str, Any]) -> Path:
+    """README.md with the front matter OpenAI-compatible servers (speaches, faster-whisper's
+    model lookup) read to accept a CTranslate2 folder as a Whisper model:
+    ``library_name: ctranslate2`` and the speech-recognition tags."""
+    language = meta.get("language")
+    code = language_code(language) if language else "en"
+    front_matter = {"library_name": "ctranslate2", "license": MODEL_CARD_LICENSE,
+                    "language": [code], "tags": ["audio", "automatic-speech-recognition",
+                                                 "whisper", "ctranslate2", "faster-whisper"],
+                    "pipeline_tag": "automatic-speech-recognition"}
+    source = meta.get("exported_from", "a Whisper model")
+    body = (f"# {output.name}\n\nWhisper for [faster-whisper](https://github.com/SYSTRAN/"
+            f"faster-whisper) / CTranslate2 ({meta.get('precision', 'float32')} weights), "
+            f"exported by whisper-exp from `{source}` (adapters merged).\n\n"
+            "```python\nfrom faster_whisper import WhisperModel\n\n"
+            f"model = WhisperModel(\"{output.name}\")\n```\n")
+    card = output / "README.md"
+    card.write_text(f"---\n{yaml.safe_dump(front_matter, sort_keys=False)}---\n\n{body}",
+                    encoding="utf-8")
+    return card
+
+
+def write_ggml_export(hf_dir: str | Path, output: Path, precision: str = "f16") -> Path:
+    """A folder with the whisper.cpp model file (``ggml-model-<precision>.bin``) and the
+    provenance metadata the other exports carry."""
+    hf_dir = Path(hf_dir)
+    try:
+        model_file = convert_to_ggml(hf_dir, output / GGML_MODEL_FILE.format(precision=precision),
+                                     precision)
+    except GGMLExportError as exc:
+        raise ExportError(str(exc)) from exc
+    meta_file = hf_dir / METADATA_FILE
+    meta = json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else {}
+    meta.update({"format": "ggml", "precision": precision, "model_file": model_file.name})
+    (output / METADATA_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return model_file
