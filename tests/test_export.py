@@ -386,6 +386,20 @@ def test_a_far_worse_export_is_refused_and_nothing_is_logged(says_the_path, samp
     assert MlflowClient().get_run(run_id).data.metrics["export_wer/hf-float32"] > 10
 
 
+def test_ctranslate2_export_is_checked_in_faster_whisper(says_the_path, sample_dir, tmp_path):
+    """The check decodes the export in its own engine: faster-whisper stops "says the" at half
+    the token budget (CTranslate2's Whisper.generate caps at max_length / 2,
+    OpenNMT/CTranslate2#1856), fewer insertions than transformers, never more."""
+    run_id, trained = _run_with_eval_rows(says_the_path, sample_dir, tmp_path, n=2)
+    result = CliRunner().invoke(main, ["export", "--model", str(trained), "--format",
+                                       "ctranslate2", "--quantization", "int8", "--output",
+                                       str(tmp_path / "ct2")])
+    assert result.exit_code == 0, result.output
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    assert 0 < metrics["export_wer/ctranslate2-int8"] <= metrics["export_wer/source"]
+    assert "README.md" in _artifact_names(run_id, "exports/ctranslate2-int8")
+
+
 def test_check_data_is_used_and_a_model_without_clips_is_exported_with_a_note(
         says_the_path, sample_dir, tmp_path):
     noted = CliRunner().invoke(main, ["export", "--model", str(says_the_path), "--output",

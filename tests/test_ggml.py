@@ -200,7 +200,8 @@ def test_a_model_whisper_cpp_cannot_build_is_refused(tiny_english_path, tmp_path
         load_whisper_cpp(tmp_path / "not-ggml.bin")
 
 
-def test_ggml_export_of_a_run_is_logged_and_guarded(cpp_says_the, tmp_path):
+def test_ggml_export_of_a_run_is_checked_logged_and_guarded(cpp_says_the, sample_dir,
+                                                            tmp_path):
     import mlflow
     from mlflow.tracking import MlflowClient
 
@@ -213,8 +214,12 @@ def test_ggml_export_of_a_run_is_logged_and_guarded(cpp_says_the, tmp_path):
     out = tmp_path / "ggml"
     args = ["export", "--model", str(trained), "--format", "ggml", "--quantization", "q8_0",
             "--output", str(out)]
-    result = CliRunner().invoke(main, args)
+    result = CliRunner().invoke(main, [*args, "--check-data", str(sample_dir), "--check-clips",
+                                       "1"])
     assert result.exit_code == 0, result.output
+    metrics = MlflowClient().get_run(run.info.run_id).data.metrics
+    assert metrics["export_wer/ggml-q8_0"] == metrics["export_wer/source"] > 0, \
+        "whisper.cpp decodes the words transformers does"
     assert {p.name for p in out.iterdir()} == {"ggml-model-q8_0.bin", "whisper_exp.json"}
     meta = json.loads((out / "whisper_exp.json").read_text())
     assert meta["format"] == "ggml" and meta["precision"] == "q8_0"
@@ -237,8 +242,9 @@ def _dev_rows(dev_dir: Path, n: int) -> list[dict[str, str]]:
 
 def test_tiny_en_ggml_transcribes_dev_like_transformers(tiny_en_path, dev_dir, tmp_path):
     """Real tiny.en, f16 in whisper.cpp vs fp32 in transformers, first 20 dev clips: measured
-    identical transcripts on all 20 (WER between them 0.0; both 0.175 against the references;
-    q8_0 and q5_0 in the report of issue 14)."""
+    identical transcripts on all 20 (WER between them 0.0; both 0.175 against the references).
+    Measured the same way: q8_0 identical on 20 of 20 (43.6 MB vs 77.7 MB); q5_0 (29.9 MB)
+    identical on 14, WER 0.111 between the engines, 0.168 against the references."""
     from whisper_exp.generation import transcribe_arrays
     from whisper_exp.metrics import make_normalizer, score
     from whisper_exp.modeling import load_for_inference
