@@ -54,16 +54,41 @@ def wait_for_health(url: str, process: subprocess.Popen, log: Path, timeout_s: f
     pytest.fail(f"server not healthy after {timeout_s} s:\n{log.read_text()[-3000:]}")
 
 
-def stop(process: subprocess.Popen) -> None:
-    """SIGTERM the server's process group (the CLI and its workers), then SIGKILL."""
-    if process.poll() is not None:
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_group_gone(pgid: int, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while _group_alive(pgid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def stop(process: subprocess.Popen, grace_s: float = 30) -> None:
+    """SIGTERM the server's process group (the CLI and its workers) and wait until every
+    process in it is gone, not just the CLI: a worker that outlives it keeps serving the port.
+    SIGKILL whatever is left after ``grace_s``."""
+    if not _group_alive(process.pid):
+        process.wait(timeout=10)
         return
     os.killpg(process.pid, signal.SIGTERM)
     try:
-        process.wait(timeout=30)
+        process.wait(timeout=grace_s)
+        stopped = _wait_group_gone(process.pid, grace_s)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
+        stopped = False
+    if not stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=10)
+        _wait_group_gone(process.pid, 10)
 
 
 @contextlib.contextmanager

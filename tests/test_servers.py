@@ -1,11 +1,14 @@
 """The test servers' own helpers: a slow /health under load is waited for, not an error."""
 
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
-from servers import wait_for_health
+from servers import stop, wait_for_health
 
 
 def test_health_wait_outlasts_a_server_that_accepts_but_does_not_answer(tmp_path):
@@ -24,3 +27,16 @@ def test_health_wait_outlasts_a_server_that_accepts_but_does_not_answer(tmp_path
         finally:
             process.kill()
             process.wait()
+
+
+def test_stop_waits_for_workers_that_outlive_the_server_process():
+    """`mlflow models serve` exits on SIGTERM before its uvicorn workers finish: stop must wait
+    for the whole process group, or the port is still served after the test's `with` block."""
+    worker = "trap 'sleep 1; exit 0' TERM; while true; do sleep 0.1; done"
+    leader = f"import subprocess, time; subprocess.Popen(['sh', '-c', {worker!r}]); time.sleep(60)"
+    process = subprocess.Popen([sys.executable, "-c", leader], start_new_session=True)
+    time.sleep(1)  # the worker is running and has its trap set
+    stop(process)
+    assert process.returncode == -signal.SIGTERM
+    with pytest.raises(ProcessLookupError):
+        os.killpg(process.pid, 0)
