@@ -76,15 +76,38 @@ def whisper_tokenizer_path(tmp_path_factory) -> Path:
     return out
 
 
+def _unset_mlflow_run_env(patch: pytest.MonkeyPatch) -> None:
+    """Unset the run/experiment variables so that undo unsets them again: a plain delenv of an
+    absent variable records nothing, and one a test then sets (set_experiment exports
+    MLFLOW_EXPERIMENT_ID) would leak into every later test."""
+    for name in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME"):
+        patch.setenv(name, "")
+        patch.delenv(name)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _mlflow_process_state_per_module():
+    """MLflow keeps the active experiment in process state and in ``MLFLOW_EXPERIMENT_ID``
+    (``set_experiment`` exports it). A module-scoped fixture that trains (it runs before the
+    per-test isolation below) must neither inherit an earlier module's experiment nor leave its
+    own to later modules."""
+    import mlflow.tracking.fluent as fluent
+
+    with pytest.MonkeyPatch.context() as patch:
+        _unset_mlflow_run_env(patch)
+        patch.setattr(fluent, "_active_experiment_id", None, raising=False)
+        yield
+        while fluent.active_run():
+            fluent.end_run()
+
+
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     """Every test tracks into its own SQLite file and artifact folder (it runs in its tmp_path,
     where MLflow's default ./mlruns lands), never the developer's mlflow.db or ./mlruns."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
-    monkeypatch.delenv("MLFLOW_EXPERIMENT_NAME", raising=False)
+    _unset_mlflow_run_env(monkeypatch)
     import mlflow
     import mlflow.tracking.fluent as fluent
 

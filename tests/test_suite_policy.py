@@ -77,3 +77,16 @@ def test_ci_runs_the_readme_test_command_in_strict_mode():
           if line.strip() and not line.lstrip().startswith("#")]
     assert ci[-1] == f"WHISPER_EXP_STRICT_SKIPS=1 {command}"
     assert "set -euo pipefail" in ci, "a failing step fails CI"
+
+
+def test_a_test_that_sets_an_experiment():
+    """With the next test: set_experiment exports MLFLOW_EXPERIMENT_ID, and the per-test
+    isolation must not carry it into later tests (or their module fixtures)."""
+    import mlflow
+
+    mlflow.set_experiment("exports-its-id")
+    assert os.environ.get("MLFLOW_EXPERIMENT_ID")
+
+
+def test_the_next_test_does_not_inherit_it():
+    assert "MLFLOW_EXPERIMENT_ID" not in os.environ
