@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +32,42 @@ DESCRIPTION_TAG = "mlflow.note.content"
 DIGEST_CHARS = 16  # MLflow stores up to 36
 
 
+# The runs table of the 3.17 UI shows no metric column until a view selects some; a saved view
+# is an experiment tag (what the UI's own "Save view" writes) opened with ?viewStateShareKey=.
+SAVED_VIEW_TAG = "mlflow.sharedViewState."
+WER_VIEW_KEY = "whisper-exp-wer"
+WER_VIEW_COLUMNS = ("metrics.`wer`", "metrics.`cer`", "metrics.`wer_orthographic`",
+                    "metrics.`base_wer`", "metrics.`wer_delta`", "metrics.`train_runtime_s`",
+                    "metrics.`peak_memory_mb`", "params.`finetuning.strategy`")
+PRIMARY_METRIC_TAG = "mlflow.experiment.primaryMetric.name"
+
+
+def wer_view_url(experiment_id: str) -> str:
+    """The UI route of the runs table with the WER columns (append to the server's URL)."""
+    return (f"/#/experiments/{experiment_id}/runs?viewStateShareKey={WER_VIEW_KEY}"
+            "&workflowType=machine_learning")
+
+
+def _wer_view() -> str:
+    state = {"selectedColumns": list(WER_VIEW_COLUMNS), "columnOrder": list(WER_VIEW_COLUMNS),
+             "orderByKey": "metrics.`wer`", "orderByAsc": True}
+    now = int(time.time() * 1000)
+    return json.dumps({"name": "WER", "createdAt": now, "updatedAt": now,
+                       "state": json.dumps(state)})
+
+
 def mark_model_training_experiment(experiment_id: str) -> None:
     """Open the experiment in the UI's training views (runs, charts, models), unless a user
-    already chose a kind for it."""
+    already chose a kind for it; add a saved runs view with the WER columns and make ``wer``
+    the primary metric (the charts view leads with it)."""
     client = MlflowClient()
     try:
-        experiment = client.get_experiment(experiment_id)
-        if EXPERIMENT_KIND_TAG not in experiment.tags:
-            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+        tags = client.get_experiment(experiment_id).tags
+        wanted = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, PRIMARY_METRIC_TAG: "wer",
+                  SAVED_VIEW_TAG + WER_VIEW_KEY: None}
+        for key, value in wanted.items():
+            if key not in tags:
+                client.set_experiment_tag(experiment_id, key, value or _wer_view())
     except mlflow.exceptions.MlflowException as exc:  # a read-only store: cosmetic only
         log.warning("could not tag experiment %s as model training: %s", experiment_id, exc)
 
