@@ -96,6 +96,24 @@ def bar_chart(path: Path, labels: Sequence[str], values: Sequence[float],
     plt.close(fig)
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM a server's whole process group (the CLI and its workers), SIGKILL after 30 s."""
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+
 @contextlib.contextmanager
 def model_server(model_uri: str, log: Path, env: Mapping[str, str] | None = None,
                  cwd: Path | None = None, extra_args: Sequence[str] = (),
@@ -105,9 +123,7 @@ def model_server(model_uri: str, log: Path, env: Mapping[str, str] | None = None
     process group (the CLI and its workers, all in the measured process tree) on exit."""
     from mlflow.pyfunc.scoring_server.client import ScoringServerClient
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = dict(env or os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
@@ -122,10 +138,4 @@ def model_server(model_uri: str, log: Path, env: Mapping[str, str] | None = None
             raise SystemExit(f"{exc}\n{log.read_text()[-3000:]}") from exc
         yield f"http://127.0.0.1:{port}", process
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_process_group(process)

@@ -19,8 +19,6 @@ import argparse
 import contextlib
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,6 +27,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import requests
+from machine import free_port, stop_process_group
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = Path("/usr/bin/chromium")
@@ -75,9 +74,7 @@ def mlflow_server(tracking_uri: str, log: Path, cwd: Path,
                   timeout_s: float = 300) -> Iterator[str]:
     """``mlflow server`` on a free loopback port until /health answers; the whole process group
     is stopped on exit."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", tracking_uri,
                "--workers", "1", "--host", "127.0.0.1", "--port", str(port)]
     with log.open("wb") as handle:
@@ -95,13 +92,7 @@ def mlflow_server(tracking_uri: str, log: Path, cwd: Path,
             time.sleep(0.5)
         yield url
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait(timeout=10)
+        stop_process_group(process)
 
 
 def screenshot(page, url: str, ready_text: str, path: Path) -> None:

@@ -206,23 +206,30 @@ def tiny_english_path(tmp_path_factory, whisper_tokenizer_path) -> Path:
 
 
 
-@pytest.fixture(scope="session")
-def says_the_path(tiny_english_path, tmp_path_factory) -> Path:
-    """tiny_english_path with perturbed weights that make it say " the" at every step (the
-    decoder's last layer norm outputs a constant aligned with a long " the" embedding): a model
-    whose transcript of anything is known, to tell two models apart and see text flow through
-    evaluation, registry and serving without real weights."""
+def teach_to_say_the(model, processor) -> None:
+    """Perturb ``model`` in place so it says " the" at every step: the decoder's last layer
+    norm outputs a constant aligned with a long " the" embedding."""
     import torch
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-    model = WhisperForConditionalGeneration.from_pretrained(tiny_english_path)
-    processor = WhisperProcessor.from_pretrained(tiny_english_path)
     the = processor.tokenizer.convert_tokens_to_ids("\u0120the")
     with torch.no_grad():
         embed = model.get_output_embeddings().weight
         embed[the] = 100 * embed[the] / embed[the].norm()
         model.model.decoder.layer_norm.weight.zero_()
         model.model.decoder.layer_norm.bias.copy_(embed[the])
+
+
+@pytest.fixture(scope="session")
+def says_the_path(tiny_english_path, tmp_path_factory) -> Path:
+    """tiny_english_path with perturbed weights that make it say " the" at every step (the
+    decoder's last layer norm outputs a constant aligned with a long " the" embedding): a model
+    whose transcript of anything is known, to tell two models apart and see text flow through
+    evaluation, registry and serving without real weights."""
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_english_path)
+    processor = WhisperProcessor.from_pretrained(tiny_english_path)
+    teach_to_say_the(model, processor)
     out = tmp_path_factory.mktemp("models") / "says-the"
     model.save_pretrained(out)
     processor.save_pretrained(out)

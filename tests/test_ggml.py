@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import teach_to_say_the
 
 from whisper_exp.audio import load_audio
 from whisper_exp.cli import main
@@ -67,12 +68,7 @@ def cpp_says_the(tiny_english_path, tmp_path_factory) -> Path:
     model = WhisperForConditionalGeneration(config)
     model.generation_config = GenerationConfig.from_pretrained(tiny_english_path)
     processor = WhisperProcessor.from_pretrained(tiny_english_path)
-    the = processor.tokenizer.convert_tokens_to_ids("\u0120the")
-    with torch.no_grad():
-        embed = model.get_output_embeddings().weight
-        embed[the] = 100 * embed[the] / embed[the].norm()
-        model.model.decoder.layer_norm.weight.zero_()
-        model.model.decoder.layer_norm.bias.copy_(embed[the])
+    teach_to_say_the(model, processor)
     out = tmp_path_factory.mktemp("models") / "cpp-says-the"
     model.save_pretrained(out)
     processor.save_pretrained(out)
