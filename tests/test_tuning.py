@@ -519,3 +519,26 @@ def test_two_workers_share_one_study(backend, tiny_english_path, sample_dir, tmp
     parents = {r.data.tags["mlflow.parentRunId"] for r in trial_runs}
     assert len(parents) == 1, "both workers log under the study's one parent run"
     assert len({r.data.tags["optuna.worker"] for r in trial_runs}) == 2, "both workers ran"
+
+
+def test_a_joining_worker_waits_for_the_parent_even_when_trials_are_queued(monkeypatch):
+    """The creating worker queues the warm-start trial before it opens the parent run: a worker
+    joining then must still wait for that parent, not open a second one."""
+    import threading
+
+    from whisper_exp.tuning import runs
+
+    study = optuna.create_study(storage=optuna.storages.InMemoryStorage())
+    study.enqueue_trial({"x": 1})
+    with mlflow.start_run() as parent:
+        pass
+    monkeypatch.setattr(runs, "PARENT_WAIT_S", 20.0)
+    timer = threading.Timer(1.0, study.set_user_attr,
+                            (runs.PARENT_RUN_ATTR, parent.info.run_id))
+    timer.start()
+    try:
+        resume_id, usable = runs.parent_to_resume(study, created=False, client=MlflowClient(),
+                                                  experiment_id=None)
+    finally:
+        timer.cancel()
+    assert (resume_id, usable) == (parent.info.run_id, True)

@@ -142,7 +142,10 @@ def parent_to_resume(study: optuna.Study, created: bool, client: MlflowClient,
     """
     if created:
         return None, False
-    deadline = time.monotonic() + (0 if study.get_trials(deepcopy=False) else PARENT_WAIT_S)
+    # Queued trials (enqueue, the warm start) exist before any worker ran: not a sign of age.
+    started = study.get_trials(deepcopy=False, states=tuple(s for s in TrialState
+                                                            if s != TrialState.WAITING))
+    deadline = time.monotonic() + (0 if started else PARENT_WAIT_S)
     recorded = study.user_attrs.get(PARENT_RUN_ATTR)
     while recorded is None and time.monotonic() < deadline:
         time.sleep(0.5)
