@@ -96,10 +96,9 @@ def test_fast_dev_run_logs_everything(tiny_multilingual_path, sample_dir, tmp_pa
 STRATEGY_STEPS = [("full", {"freeze_encoder": True}), ("qlora", {"gradient_checkpointing": True})]
 
 
-@pytest.mark.parametrize("strategy, extra", STRATEGY_STEPS)
-def test_each_strategy_trains_a_step_and_logs_its_model(tiny_english_path, sample_dir, tmp_path,
-                                                        strategy, extra):
-    cfg = _cfg(tiny_english_path, sample_dir, tmp_path, ROOT / "experiments" / f"{strategy}.yaml",
+def _one_step_run(model, data, tmp_path, strategy, extra):
+    """One optimizer step of a shipped strategy config on 2 utterances, checked FINISHED."""
+    cfg = _cfg(model, data, tmp_path, ROOT / "experiments" / f"{strategy}.yaml",
                strategy=strategy, **extra)
     cfg.training.max_steps = 1
     cfg.data.max_train_samples = 2
@@ -108,6 +107,13 @@ def test_each_strategy_trains_a_step_and_logs_its_model(tiny_english_path, sampl
     assert run.info.status == "FINISHED"
     assert run.data.metrics["global_steps"] == 1
     assert run.data.metrics["train_loss"] > 0
+    return result, run
+
+
+@pytest.mark.parametrize("strategy, extra", STRATEGY_STEPS)
+def test_each_strategy_trains_a_step_and_logs_its_model(tiny_english_path, sample_dir, tmp_path,
+                                                        strategy, extra):
+    result, run = _one_step_run(tiny_english_path, sample_dir, tmp_path, strategy, extra)
     assert run.data.params["finetuning.strategy"] == strategy
     files = _artifacts(result.run_id)
     model_config = json.loads((tiny_english_path / "config.json").read_text())
@@ -135,15 +141,7 @@ def test_each_strategy_trains_a_step_and_logs_its_model(tiny_english_path, sampl
 
 @pytest.mark.parametrize("strategy, extra", STRATEGY_STEPS)
 def test_real_tiny_en_trains_a_step(tiny_en_path, sample_dir, tmp_path, strategy, extra):
-    cfg = _cfg(tiny_en_path, sample_dir, tmp_path, ROOT / "experiments" / f"{strategy}.yaml",
-               strategy=strategy, **extra)
-    cfg.training.max_steps = 1
-    cfg.data.max_train_samples = 2
-    result = train(cfg)
-    run = mlflow.get_run(result.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.metrics["global_steps"] == 1
-    assert run.data.metrics["train_loss"] > 0
+    result, run = _one_step_run(tiny_en_path, sample_dir, tmp_path, strategy, extra)
     files = _artifacts(result.run_id)
     if strategy == "full":
         assert "model/model.safetensors" in files
