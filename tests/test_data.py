@@ -6,17 +6,14 @@ from conftest import copy_sample, write_metadata, write_tone
 from whisper_exp.config import DataConfig
 from whisper_exp.data import (
     DataError,
-    Example,
-    apply_text_case,
-    is_all_caps,
     load_eval_only,
     load_splits,
     prepare_folder,
     read_source,
-    sentence_case,
     split_examples,
     write_metadata_from_txt,
 )
+from whisper_exp.text_case import apply_text_case, is_all_caps
 
 
 def _folder(tmp_path, n=4, speakers=None):
@@ -143,15 +140,6 @@ def test_split_rows_are_loggable(sample_dir):
     assert {r["split"] for r in rows} == {"train", "eval"} and len(rows) == 16
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("WE CALL IT BEAR", "We call it bear."),
-    ("I THINK I'M READY", "I think I'm ready."),
-    ("IS IT OK?", "Is it ok?"),
-])
-def test_sentence_case(text, expected):
-    assert sentence_case(text) == expected
-
-
 def test_text_case_modes(sample_dir):
     def fresh():
         return read_source(sample_dir, DataConfig()).examples
@@ -199,77 +187,6 @@ def test_prepare_folder_reports_problems(tmp_path, tiny_en_path):
     report = prepare_folder(tmp_path, model=str(tiny_en_path))
     assert len(report.examples) == 3
     assert [p.file for p in report.problems] == ["nope.flac"]
-
-
-def _examples(*texts):
-    return [Example(audio=f"{i}.wav", text=t, name=f"{i}.wav") for i, t in enumerate(texts)]
-
-
-@pytest.mark.parametrize("language, texts", [
-    ("chinese", ["我们叫它熊", "今天天气很好", "你好吗？"]),
-    ("japanese", ["これはペンです", "おはようございます", "元気ですか？"]),
-    ("arabic", ["نسميه دب", "الطقس جميل اليوم", "كيف حالك؟"]),
-    ("hindi", ["हम इसे भालू कहते हैं", "आज मौसम अच्छा है", "आप कैसे हैं।"]),
-    ("zh", ["我喜欢 NBA", "我们用 GPS", "他在 IBM 工作"]),  # caps are acronyms, not shouting
-])
-def test_auto_leaves_languages_without_case_alone(language, texts):
-    examples = _examples(*texts)
-    assert apply_text_case(examples, "auto", language=language) == (0, None)
-    assert [e.text for e in examples] == texts
-
-
-def test_scripts_without_case_are_not_all_caps():
-    assert not is_all_caps("我们叫它熊")
-    assert not is_all_caps("123 !?")
-    assert is_all_caps("WE CALL IT 熊")
-
-
-@pytest.mark.parametrize("language, text, expected", [
-    ("italian", "I CANI E I GATTI", "I cani e i gatti."),
-    ("it", "SONO I MIEI", "Sono i miei."),
-    ("english", "I THINK I'M READY", "I think I'm ready."),
-    (None, "SO I SAID", "So I said."),  # an English-only .en model
-    ("en", "SO I SAID", "So I said."),
-])
-def test_lone_i_rule_is_english_only(language, text, expected):
-    assert sentence_case(text, language=language) == expected
-
-
-@pytest.mark.parametrize("language, text", [
-    ("chinese", "我们叫它熊"),
-    ("chinese", "你好吗？"),
-    ("japanese", "元気です。"),
-    ("arabic", "كيف حالك؟"),
-    ("hindi", "आप कैसे हैं।"),
-    ("english", "你好吗？"),  # a row in an uncased script is never changed
-])
-def test_sentence_case_leaves_uncased_scripts_alone(language, text):
-    assert sentence_case(text, language=language) == text
-
-
-@pytest.mark.parametrize("text, expected", [
-    ("HELLO 世界。", "Hello 世界。"),
-    ("WHAT？", "What？"),
-    ("HE SAID \"GO.\"", "He said \"go.\""),
-])
-def test_sentence_case_keeps_any_final_punctuation(text, expected):
-    assert sentence_case(text) == expected
-
-
-def test_auto_on_mixed_script_corpus_only_touches_cased_rows():
-    texts = ["WE CALL IT BEAR", "SO I SAID NO", "GOOD MORNING", "你好", "こんにちは"]
-    examples = _examples(*texts)
-    changed, notice = apply_text_case(examples, "auto", language="english")
-    assert changed == 3 and "sentence-cased" in notice
-    assert [e.text for e in examples] == ["We call it bear.", "So I said no.", "Good morning.",
-                                          "你好", "こんにちは"]
-
-
-def test_auto_still_sentence_cases_all_caps_italian():
-    examples = _examples("I CANI E I GATTI", "BUONGIORNO A TUTTI")
-    changed, _ = apply_text_case(examples, "auto", language="italian")
-    assert changed == 2
-    assert [e.text for e in examples] == ["I cani e i gatti.", "Buongiorno a tutti."]
 
 
 def test_load_splits_passes_the_language_on(tmp_path):

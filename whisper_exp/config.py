@@ -69,8 +69,9 @@ class DataConfig:
     audio_column: str = "audio"
     text_column: str = "transcription"
     speaker_column: str = "speaker"
-    # keep | lower | sentence | auto (auto: sentence-case all-caps corpora, see README)
-    text_case: Literal["keep", "lower", "sentence", "auto"] = "auto"
+    # keep | lower | sentence | auto | truecase (auto: sentence-case all-caps corpora;
+    # truecase: also take each word's case from the base model's transcript of the clip)
+    text_case: Literal["keep", "lower", "sentence", "auto", "truecase"] = "auto"
     # error: stop before training and list every bad row; skip: drop them and log a report.
     on_invalid: Literal["error", "skip"] = "error"
     max_train_samples: int | None = None
@@ -145,6 +146,18 @@ class TrainingConfig:
     # again). 0 or null: unlimited.
     cache_max_gb: float | None = 20.0
     cache_dtype: Literal["float16", "float32"] = "float16"
+    # Share of training examples (drawn per example per epoch, seeded) trained with timestamp
+    # tokens (<|0.00|> text <|duration|>), so the model keeps predicting timestamps.
+    timestamp_probability: float = 0.0
+    # Share conditioned on the previous utterance of the same speaker as the decoder prompt
+    # (<|startofprev|> ...), masked out of the loss, so prompting keeps working.
+    prompt_probability: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("timestamp_probability", "prompt_probability"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"training.{name} must be between 0 and 1, got {value}")
 
 
 @dataclass

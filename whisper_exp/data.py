@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import functools
 import io
 import logging
 import os
@@ -23,6 +22,9 @@ from typing import Any
 
 from whisper_exp.audio import AUDIO_EXTENSIONS, AudioError, AudioRef, find_audio_files, probe
 from whisper_exp.config import DataConfig
+
+# Text case lives in text_case; language_code stays importable from here for older callers.
+from whisper_exp.text_case import apply_text_case, language_code  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +49,9 @@ class Example:
     # Every other column of the row (metadata.csv or scalar dataset columns) as text, e.g.
     # speaker, age, gender: the report slices WER by them.
     metadata: dict[str, str] = field(default_factory=dict)
+    # text_case=truecase: sentence-cased on reading; training re-cases it from the base model's
+    # transcript of this clip (whisper_exp.truecasing).
+    recase: bool = False
 
     def as_row(self) -> dict[str, Any]:
         return {"file": self.name, "speaker": self.speaker or "", "transcription": self.text}
@@ -352,104 +357,6 @@ def read_source(source: str | Path, cfg: DataConfig, hf_split: str | None = None
     if path.is_file() and path.name == METADATA_FILE:
         return _read_folder(path.parent, cfg.allow_outside_paths)
     return _read_hf_dataset(str(source), hf_split or cfg.train_split_name, cfg)
-
-
-# --------------------------------------------------------------------------- text case
-
-# Full stops, question and exclamation marks of the scripts Whisper covers (Latin, CJK, Arabic,
-# Devanagari/Bengali danda, Armenian, Greek, Ethiopic, Myanmar), optionally followed by closing
-# quotes or brackets: a transcript ending in any of them already has its own final punctuation.
-_SENTENCE_END = re.compile("[.!?…。？！｡．؟۔।॥։;።။][\"'”’»)\\]」』]*$")
-_LONE_I = re.compile(r"\bi\b(?=('(m|ll|ve|d|s))?\b)")
-# Languages written in scripts without letter case (Chinese, Japanese, Korean, Thai, Arabic,
-# Hebrew, the Indic scripts, ...): upper/lower/sentence case means nothing there, and the Latin
-# acronyms they contain ("NBA") are not shouting. Georgian is unicameral in running text.
-UNCASED_LANGUAGES = frozenset({
-    "zh", "yue", "ja", "ko", "th", "lo", "km", "my", "bo", "ar", "fa", "ur", "ps", "sd", "ug",
-    "he", "yi", "hi", "mr", "ne", "sa", "bn", "as", "pa", "gu", "ta", "te", "kn", "ml", "si",
-    "am", "ka",
-})
-# The full stop a cased language appends when a transcript ends without one.
-_FULL_STOP = {"hy": "։"}
-
-
-@functools.lru_cache(maxsize=64)
-def language_code(language: str | None) -> str:
-    """``"Italian"``/``"it"`` -> ``"it"``; None (an English-only ``.en`` model) -> ``"en"``."""
-    if language is None:
-        return "en"
-    key = language.strip().lower()
-    if key in ("en", "english"):
-        return "en"
-    from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
-
-    if key in LANGUAGES:
-        return key
-    return TO_LANGUAGE_CODE.get(key, key)
-
-
-def _cased_letter_share(text: str) -> tuple[int, int]:
-    """(letters, letters that have an upper/lower case form)."""
-    letters = [c for c in text if c.isalpha()]
-    return len(letters), sum(c.isupper() or c.islower() for c in letters)
-
-
-def _in_cased_script(text: str) -> bool:
-    """Most of the letters have case: Latin/Cyrillic/Greek text, not Chinese with an acronym."""
-    letters, cased = _cased_letter_share(text)
-    return letters > 0 and 2 * cased > letters
-
-
-def is_all_caps(text: str) -> bool:
-    """Has cased letters and every one is upper-case (text without case is never all caps)."""
-    cased = [c for c in text if c.isupper() or c.islower()]
-    return bool(cased) and all(c.isupper() for c in cased)
-
-
-def sentence_case(text: str, language: str | None = "english") -> str:
-    """``WE CALL IT BEAR`` -> ``We call it bear.``: what Whisper was pre-trained to emit.
-    The English "I" rule applies to English only; text in a script without case is returned
-    as it is, and no "." is added after the language's own final punctuation (。？！؟।)."""
-    code = language_code(language)
-    text = text.strip()
-    if not text or code in UNCASED_LANGUAGES or not _in_cased_script(text):
-        return text
-    text = text.lower()
-    if code == "en":
-        text = _LONE_I.sub("I", text)
-    text = text[0].upper() + text[1:]
-    if _SENTENCE_END.search(text) or (code == "el" and text.endswith(";")):
-        return text
-    return text + _FULL_STOP.get(code, ".")
-
-
-def apply_text_case(examples: Sequence[Example], mode: str,
-                    language: str | None = "english") -> tuple[int, str | None]:
-    """Rewrite transcripts in place; returns (rows changed, notice for the log). ``auto`` acts
-    only on a corpus in a cased language, mostly in a cased script, whose cased rows are nearly
-    all upper-case; rows in other scripts are left as they are."""
-    if mode == "keep":
-        return 0, None
-    if mode == "lower":
-        changed = sum(e.text != e.text.lower() for e in examples)
-        for e in examples:
-            e.text = e.text.lower()
-        return changed, f"text_case=lower: {changed} transcript(s) lower-cased"
-    with_letters = sum(any(c.isalpha() for c in e.text) for e in examples)
-    cased = [e for e in examples if _in_cased_script(e.text)]
-    caps = [e for e in cased if is_all_caps(e.text)]
-    if mode == "auto" and (language_code(language) in UNCASED_LANGUAGES or not caps
-                           or 2 * len(cased) < with_letters or len(caps) < 0.9 * len(cased)):
-        return 0, None
-    targets = caps if mode == "auto" else examples
-    changed = 0
-    for e in targets:
-        new = sentence_case(e.text, language)
-        changed += new != e.text
-        e.text = new
-    reason = "transcripts are all upper-case, " if mode == "auto" else ""
-    return changed, (f"text_case={mode}: {reason}{changed} transcript(s) sentence-cased "
-                     "(e.g. 'WE CALL IT BEAR' -> 'We call it bear.')")
 
 
 # --------------------------------------------------------------------------- validation
