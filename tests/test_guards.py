@@ -108,7 +108,7 @@ def test_missing_eval_set_fails_before_training(tiny_english_path, sample_dir, t
     (run,) = MlflowClient().search_runs(
         [mlflow.get_experiment_by_name("test").experiment_id])
     assert run.info.status == "FAILED"
-    assert "train_loss" not in run.data.metrics, "it failed before any training step"
+    assert "train/loss" not in run.data.metrics, "it failed before any training step"
 
 
 def test_guard_set_that_regresses_is_tagged_with_its_delta(tiny_english_path, sample_dir,
@@ -177,7 +177,7 @@ def test_best_evaluation_is_the_model_kept(tiny_english_path, sample_dir, tmp_pa
     result = train(cfg, callbacks=[ScrambleAfter(1)])
     run = mlflow.get_run(result.run_id)
     curve = {m.step: m.value for m in MlflowClient().get_metric_history(result.run_id,
-                                                                         "eval_wer")}
+                                                                         "eval/wer")}
     assert curve[1] == 0.0 and curve[3] > curve[1], "the last step is worse than step 1"
     assert run.data.metrics["best_step"] == 1
     assert run.data.tags["best_step"] == "1"

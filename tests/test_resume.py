@@ -47,7 +47,7 @@ def test_kill_dash_nine_then_resume_finishes_the_same_run(tiny_english_path, sam
     mlflow.set_tracking_uri(uri)
     killed = mlflow.get_run(run_id)
     assert killed.info.status == "RUNNING", "kill -9 leaves no chance to close the run"
-    steps_before = [m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")]
+    steps_before = [m.step for m in MlflowClient().get_metric_history(run_id, "train/loss")]
     assert steps_before and max(steps_before) < MAX_STEPS
 
     done = subprocess.run(_train_cmd("--resume", run_id), cwd=tmp_path, env=env,
@@ -57,7 +57,7 @@ def test_kill_dash_nine_then_resume_finishes_the_same_run(tiny_english_path, sam
     assert run.info.status == "FINISHED"
     assert run.data.metrics["global_steps"] == MAX_STEPS
     assert run.data.tags["resumed_from"].startswith("checkpoint-")
-    steps_after = [m.step for m in MlflowClient().get_metric_history(run_id, "train_loss")]
+    steps_after = [m.step for m in MlflowClient().get_metric_history(run_id, "train/loss")]
     assert max(steps_after) == MAX_STEPS and set(steps_before) <= set(steps_after)
     assert len(mlflow.search_runs(experiment_names=["resume"], output_format="list")) == 1
     assert (out / run_id / "model" / "adapter_model.safetensors").exists()

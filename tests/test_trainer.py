@@ -56,8 +56,8 @@ def test_eval_during_training_uses_the_final_budget_and_the_end_decodes_once(
         assert sorted(call["max_new_tokens"] for call in decoded) == expected
 
     client = MlflowClient()
-    eval_wer = client.get_metric_history(result.run_id, "eval_wer")
-    eval_loss = client.get_metric_history(result.run_id, "eval_loss")
+    eval_wer = client.get_metric_history(result.run_id, "eval/wer")
+    eval_loss = client.get_metric_history(result.run_id, "eval/loss")
     assert sorted(m.step for m in eval_wer) == [1, 2]
     assert sorted(m.step for m in eval_loss) == [1, 2], "the last step still logs its loss"
     final_point = next(m for m in eval_wer if m.step == 2)

@@ -69,14 +69,16 @@ def test_fast_dev_run_logs_everything(tiny_multilingual_path, sample_dir, tmp_pa
     assert "git_commit" in params
     metrics = run.data.metrics
     for key in ("wer", "cer", "peak_memory_mb", "trainable_params", "total_params",
-                "train_samples_per_second", "train_runtime_s", "eval_wer", "eval_loss",
-                "train_loss", "learning_rate"):
+                "train_samples_per_second", "train_runtime_s", "eval/wer", "eval/loss",
+                "train/loss", "train/learning_rate", "train/grad_norm", "train/epoch"):
         assert key in metrics, key
     assert metrics["peak_memory_mb"] > 100
     assert run.data.tags["peak_memory_kind"] == "process_peak_rss"
     assert 0 < metrics["trainable_params"] < metrics["total_params"]
-    history = MlflowClient().get_metric_history(result.run_id, "train_loss")
+    history = MlflowClient().get_metric_history(result.run_id, "train/loss")
     assert [m.step for m in history] == [1, 2], "learning curve per logging step"
+    assert not {"train_loss", "eval_wer", "loss", "learning_rate"} & set(metrics), \
+        "curves are grouped under train/ and eval/ only"
     files = _artifacts(result.run_id)
     for expected in ("config.yaml", "data/split.csv", "data/skipped_rows.csv",
                      "eval/predictions.csv", "model/adapter_config.json",
@@ -106,7 +108,7 @@ def _one_step_run(model, data, tmp_path, strategy, extra):
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["global_steps"] == 1
-    assert run.data.metrics["train_loss"] > 0
+    assert run.data.metrics["train/loss"] > 0
     return result, run
 
 
@@ -172,7 +174,7 @@ def test_lora_run_does_not_depend_on_the_global_rng(tiny_english_path, sample_di
         torch.manual_seed(before)
         result = train(_cfg(tiny_english_path, sample_dir, tmp_path / str(before),
                             strategy="lora"))
-        history = MlflowClient().get_metric_history(result.run_id, "train_loss")
+        history = MlflowClient().get_metric_history(result.run_id, "train/loss")
         losses.append([m.value for m in history])
     assert losses[0] and losses[0] == losses[1]
 

@@ -228,7 +228,7 @@ def test_unreachable_storage_fails_early_without_leaking_its_password(tmp_path):
 
 def test_pruned_trial_ends_its_run_killed_with_state_tag():
     with pytest.raises(optuna.TrialPruned), tracking.run(run_name="t") as active:
-        mlflow.log_metric("eval_wer", 0.9, step=1)
+        mlflow.log_metric("eval/wer", 0.9, step=1)
         raise optuna.TrialPruned("pruned at step 1")
     run = mlflow.get_run(active.info.run_id)
     assert run.info.status == "KILLED"
@@ -276,7 +276,7 @@ def test_study_logs_parent_and_trial_runs_then_resumes(tiny_english_path, sample
         assert params["finetuning.strategy"] == "lora", "the rest of the config is kept"
         assert metrics["wer"] == pytest.approx(trial.value)
         assert metrics["peak_memory_mb"] > 100
-        curve = MlflowClient().get_metric_history(run.info.run_id, "eval_wer")
+        curve = MlflowClient().get_metric_history(run.info.run_id, "eval/wer")
         assert [m.step for m in curve] == [1, 2], "WER curve at every evaluation"
         per_rank.add(metrics["trainable_params"] / trial.params["finetuning.lora.r"])
     assert len(per_rank) == 1, "trainable params scale with the sampled rank"
@@ -378,7 +378,7 @@ def test_pruner_stops_a_trial_at_its_first_evaluation(tiny_english_path, sample_
     assert run.info.run_id != launcher.info.run_id
     assert run.info.status == "KILLED"
     assert run.data.tags["optuna.trial_state"] == "PRUNED"
-    curve = MlflowClient().get_metric_history(run.info.run_id, "eval_wer")
+    curve = MlflowClient().get_metric_history(run.info.run_id, "eval/wer")
     assert [m.step for m in curve] == [1], "training stopped after the first evaluation"
     assert "wer" not in run.data.metrics, "a pruned trial is never scored to the end"
     assert result.best_run_id is None

@@ -1,12 +1,13 @@
 """``Seq2SeqTrainer`` with whisper_exp's decoding policy for the evaluations during training.
 
-The learning curve's ``eval_wer`` must measure what the run's final ``wer`` measures, or the
-pruning signal and the objective disagree: each evaluation batch gets the token budget of its
-longest clip (``decoding.default_max_new_tokens``, as ``evaluate``, ``transcribe`` and the served
-model use) instead of one flat ``generation_max_length``, which also counts the prompt.
+The learning curve's ``eval/wer`` (the Trainer's ``eval_wer``) must measure what the run's final
+``wer`` measures, or the pruning signal and the objective disagree: each evaluation batch gets
+the token budget of its longest clip (``decoding.default_max_new_tokens``, as ``evaluate``,
+``transcribe`` and the served model use) instead of one flat ``generation_max_length``, which
+also counts the prompt.
 
 The evaluation at the last step computes the loss only: the run's final evaluation decodes the
-eval set once more from audio, through the saved model, and logs ``eval_wer`` at that step, so
+eval set once more from audio, through the saved model, and logs ``eval/wer`` at that step, so
 the eval set is decoded once at the end, not twice.
 """
 

@@ -84,25 +84,31 @@ class SpeechCollator:
                 AUDIO_SECONDS: audio_seconds_tensor(items)}
 
 
+def curve_name(key: str) -> str:
+    """The MLflow name of a Trainer log key: evaluations (``eval_wer``) under ``eval/``, the
+    rest (``loss``, ``learning_rate``, ``grad_norm``, ``epoch``) under ``train/``, so the UI's
+    charts page shows them as train/ and eval/ sections beside system/."""
+    if key.startswith("eval_"):
+        return "eval/" + key.removeprefix("eval_")
+    return "train/" + key
+
+
 class MlflowMetricsCallback(TrainerCallback):
-    """Trainer logs -> MLflow metrics at the global step (rank 0 only).
+    """Trainer logs -> MLflow metrics at the global step (rank 0 only), named by ``curve_name``.
 
     Written here rather than ``report_to="mlflow"`` so the run, its params and its naming stay
     ours: the built-in callback logs every TrainingArguments field and may open its own run.
     """
 
-    RENAME = {"loss": "train_loss"}
     # The end-of-training summary; logged once as final metrics instead of as curve points.
-    SKIP = {"total_flos", "train_runtime", "epoch", "train_loss", "train_samples_per_second",
+    SKIP = {"total_flos", "train_runtime", "train_loss", "train_samples_per_second",
             "train_steps_per_second"}
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
             return
-        metrics = {self.RENAME.get(k, k): float(v) for k, v in logs.items()
+        metrics = {curve_name(k): float(v) for k, v in logs.items()
                    if isinstance(v, (int, float)) and k not in self.SKIP and math.isfinite(v)}
-        if "epoch" in logs:
-            metrics["epoch"] = float(logs["epoch"])
         if metrics:
             mlflow.log_metrics(metrics, step=state.global_step)
 
@@ -438,8 +444,8 @@ def train(
             cfg, trainer.model, processor, model_dir, split, language, device)
         # The curve's last point: the Trainer's evaluation at the last step computed the loss
         # only, this decode (the one the objective and pruning read) completes it.
-        mlf.log_metrics({"eval_wer": final.scores.wer, "eval_cer": final.scores.cer},
-                        step=outcome.global_step)
+        mlf.log_metrics({curve_name("eval_wer"): final.scores.wer,
+                         curve_name("eval_cer"): final.scores.cer}, step=outcome.global_step)
         model_step = outcome.global_step
         best_step = (_restore_best(trainer, keeper, output_dir / "trainer", final.scores.wer)
                      if cfg.training.keep_best else None)
