@@ -217,3 +217,47 @@ def test_qlora_run_scores_the_model_it_registers(tiny_english_path, sample_dir, 
     result = train(cfg)
     assert scored == [["Linear"]], "scored the fp32 merged model: no 4-bit or LoRA layers"
     assert "fp32 base" in mlflow.get_run(result.run_id).data.tags["wer_model"]
+
+
+@pytest.mark.parametrize("finetuning", [{"strategy": "lora"},
+                                        {"strategy": "full", "freeze_encoder": True}],
+                         ids=["standard-collator", "cached-encoder"])
+def test_timestamp_and_prompt_targets_train_end_to_end(tiny_english_path, sample_dir, tmp_path,
+                                                       monkeypatch, finetuning):
+    """Both probabilities at 1.0: every training batch has timestamp labels and prompted rows
+    with explicit decoder inputs, on the standard and the cached-encoder collator alike."""
+    from transformers import WhisperTokenizer
+
+    import whisper_exp.cache_training as cache_training
+    import whisper_exp.training as training
+    from whisper_exp.labels import IGNORE, SpecialTokens
+
+    special = SpecialTokens.from_tokenizer(WhisperTokenizer.from_pretrained(tiny_english_path))
+    batches = []
+
+    def spy(items, start_id):
+        batch = training_collate(items, start_id)
+        batches.append(batch)
+        return batch
+
+    training_collate = training.collate_labels
+    monkeypatch.setattr(training, "collate_labels", spy)
+    monkeypatch.setattr(cache_training, "collate_labels", spy)
+    cfg = _cfg(tiny_english_path, sample_dir, tmp_path, **finetuning)
+    cfg.training.max_steps, cfg.training.batch_size = 1, 16  # the whole train split, one batch
+    cfg.training.timestamp_probability = cfg.training.prompt_probability = 1.0
+    result = train(cfg)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["train/loss"] > 0
+    assert run.data.params["cache.encoder_active"] == str("freeze_encoder" in finetuning)
+    trained = [b for b in batches if "decoder_input_ids" in b]
+    assert len(trained) == 1, "the training batch is prompted; eval batches are plain"
+    decoder, labels = trained[0]["decoder_input_ids"], trained[0]["labels"]
+    prompted = decoder[:, 0] == special.previous
+    split = mlflow.artifacts.load_text(f"runs:/{result.run_id}/data/split.csv").splitlines()
+    speakers = {row.split(",")[1] for row in split[1:] if row.endswith(",train")}
+    assert len(decoder) == len(speakers) + prompted.sum(), "all but each speaker's first"
+    assert (labels[prompted, 0] == IGNORE).all(), "prompt positions are not trained on"
+    assert not (labels == special.no_timestamps).any(), "every row has timestamps"
+    assert (labels == special.time_zero).sum() == len(labels), "one <|0.00|> per row"
+    assert all("decoder_input_ids" not in b for b in batches if b is not trained[0])

@@ -30,6 +30,7 @@ from whisper_exp.cache import (
     shared_cache,
 )
 from whisper_exp.config import ExperimentConfig
+from whisper_exp.labels import collate_labels
 from whisper_exp.modeling import frozen_encoder_layers, whisper_encoder
 from whisper_exp.trainer import AUDIO_SECONDS, WhisperTrainer, audio_seconds_tensor
 
@@ -38,18 +39,6 @@ log = logging.getLogger(__name__)
 # Batch key: the cache keys of a batch whose entries were evicted, for the trainer to store the
 # recomputed prefix again; never reaches the model.
 ENCODER_CACHE_KEYS = "encoder_cache_keys"
-
-
-def pad_labels(labels: list[list[int]], start_id: int) -> torch.Tensor:
-    """Pad with -100 and drop the start token (the model prepends ``decoder_start_token_id``
-    when it shifts labels right)."""
-    if all(ids and ids[0] == start_id for ids in labels):
-        labels = [ids[1:] for ids in labels]
-    width = max(len(ids) for ids in labels)
-    padded = torch.full((len(labels), width), -100, dtype=torch.long)
-    for row, ids in enumerate(labels):
-        padded[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-    return padded
 
 
 @dataclass
@@ -101,9 +90,7 @@ class CachedEncoderCollator:
             lost = next(item for item, array in zip(items, found, strict=True) if array is None)
             raise RuntimeError(f"encoder cache lost {lost['audio']}; rerun with "
                                "training.cache_encoder=false and report this")
-        return {**inputs,
-                "labels": pad_labels([item["labels"] for item in items],
-                                     self.decoder_start_token_id),
+        return {**inputs, **collate_labels(items, self.decoder_start_token_id),
                 AUDIO_SECONDS: audio_seconds_tensor(items)}
 
 

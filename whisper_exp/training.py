@@ -30,12 +30,12 @@ from whisper_exp.cache_training import (
     CachedEncoderCollator,
     CachedEncoderTrainer,
     MelFeatures,
-    pad_labels,
     prepare_encoder_cache,
 )
 from whisper_exp.config import ConfigError, ExperimentConfig, load_config
 from whisper_exp.data import DatasetSplit, Example, load_splits
 from whisper_exp.evaluation import EvalResult, evaluate_examples
+from whisper_exp.labels import EpochCallback, TrainingTargets, collate_labels
 from whisper_exp.metrics import make_normalizer, score
 from whisper_exp.modeling import (
     apply_strategy,
@@ -56,18 +56,23 @@ class SpeechDataset(torch.utils.data.Dataset):
     """Examples with tokenised labels, audio content keys and lengths (for the token budget of
     evaluation batches); audio is decoded lazily."""
 
-    def __init__(self, examples: list[Example], processor: WhisperProcessor):
+    def __init__(self, examples: list[Example], processor: WhisperProcessor,
+                 targets: dict[str, Any] | None = None):
         self.examples = examples
         self.labels = [processor.tokenizer(e.text).input_ids for e in examples]
         self.keys = [audio_fingerprint(e.audio) for e in examples]
         self.seconds = [probe(e.audio).duration_s for e in examples]
+        # Training set: timestamp / prompt targets drawn per example per epoch (labels.py).
+        self.targets = (TrainingTargets(examples, self.labels, self.seconds,
+                                        processor.tokenizer, **targets) if targets else None)
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        return {"audio": self.examples[index].audio, "labels": self.labels[index],
+        item = {"audio": self.examples[index].audio, "labels": self.labels[index],
                 "key": self.keys[index], "seconds": self.seconds[index]}
+        return {**item, **self.targets(index)} if self.targets else item
 
 
 @dataclass
@@ -79,8 +84,7 @@ class SpeechCollator:
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         return {"input_features": self.features(items),
-                "labels": pad_labels([item["labels"] for item in items],
-                                     self.decoder_start_token_id),
+                **collate_labels(items, self.decoder_start_token_id),
                 AUDIO_SECONDS: audio_seconds_tensor(items)}
 
 
@@ -91,6 +95,16 @@ def curve_name(key: str) -> str:
     if key.startswith("eval_"):
         return "eval/" + key.removeprefix("eval_")
     return "train/" + key
+
+
+def _targets(cfg: ExperimentConfig, model: torch.nn.Module) -> dict[str, Any] | None:
+    """TrainingTargets options when timestamp or prompt training is on (else plain labels)."""
+    t = cfg.training
+    if not (t.timestamp_probability or t.prompt_probability):
+        return None
+    return {"timestamp_probability": t.timestamp_probability,
+            "prompt_probability": t.prompt_probability, "seed": t.seed,
+            "max_positions": model.config.max_target_positions}
 
 
 class MlflowMetricsCallback(TrainerCallback):
@@ -394,7 +408,7 @@ def train(
                       else Path(cfg.training.output_dir).expanduser().resolve() / run_id)
         if resume is None:
             mlf.set_tag(OUTPUT_DIR_TAG, str(output_dir))
-        train_set = SpeechDataset(split.train, processor)
+        train_set = SpeechDataset(split.train, processor, _targets(cfg, model))
         eval_set = SpeechDataset(split.eval, processor)
         corpora = (run_page.log_training_datasets(cfg.data, split, train_set, eval_set)
                    if mlf.enabled else None)
@@ -415,7 +429,8 @@ def train(
             eval_dataset=eval_set,
             compute_metrics=_wer_metric(processor, language),
             callbacks=[MlflowMetricsCallback(), checkpoint_space_callback(output_dir / "trainer"),
-                       keeper, *callbacks],
+                       keeper, *callbacks,
+                       *([EpochCallback(train_set.targets)] if train_set.targets else [])],
             max_new_tokens=cfg.evaluation.max_new_tokens,
         )
         if encoder_cache is not None:
