@@ -173,6 +173,15 @@ class EvaluationConfig:
     # tuned WER worse than the base model's by more than this (absolute) tags the run.
     max_regression: float = 0.02
     guard_primary: bool = False
+    # Long-form check (whisper_exp.long_form): eval utterances of one speaker joined with
+    # long_form_gap_s of silence into recordings of about long_form_minutes, transcribed whole
+    # with timestamps and scored (long_form/* metrics). auto: on when the eval set holds at least
+    # 60 s of audio. Cost: one more decode of at most long_form_recordings x long_form_minutes of
+    # audio per model scored (0 recordings: all the eval audio).
+    long_form: Literal["auto", "on", "off"] = "auto"
+    long_form_minutes: float = 2.0
+    long_form_recordings: int = 4
+    long_form_gap_s: float = 0.5
 
 
 @dataclass
@@ -228,6 +237,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     if origin is Literal:
+        if isinstance(value, bool) and {"on", "off"} <= set(args):
+            value = "on" if value else "off"  # YAML 1.1 reads on/off as booleans
         if value not in args:
             raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
         return value

@@ -20,6 +20,7 @@ from whisper_exp.generation import (
     transcribe_arrays,  # noqa: F401  (benchmarks import it here)
     transcribe_arrays_with_budget,
 )
+from whisper_exp.long_form import LongFormResult, run_check
 from whisper_exp.metrics import Normalizer, Scores, make_normalizer, score, utterance_wer
 from whisper_exp.modeling import default_device, is_multilingual, load_for_inference
 
@@ -34,6 +35,8 @@ class EvalResult:
     wall_seconds: float
     extra: dict[str, float] = field(default_factory=dict)
     normalize: Normalizer | None = None  # the one WER/CER were scored with (the report names it)
+    # The long-form check (evaluation.long_form): metrics, table and notes for the report.
+    long_form: LongFormResult | None = None
 
     @property
     def rtfx(self) -> float:
@@ -53,6 +56,8 @@ def evaluate_examples(
     language: str | None = None,
     progress: bool = True,
 ) -> EvalResult:
+    """Decode ``examples`` clip by clip and score them; then the long-form check
+    (``evaluation.long_form``) joins them into recordings and decodes those whole."""
     audios = [load_audio(e.audio) for e in examples]
     start = time.perf_counter()
     hypotheses, budget_hits = transcribe_arrays_with_budget(
@@ -72,8 +77,12 @@ def evaluate_examples(
          "budget_hit": hit}
         for e, hyp, audio, hit in zip(examples, hypotheses, audios, budget_hits, strict=True)
     ]
+    checked = run_check(
+        model, processor, audios, references, [e.speaker for e in examples], hypotheses,
+        normalize, cfg, language=language if is_multilingual(model) else None)
     return EvalResult(score(references, hypotheses, normalize), rows,
-                      sum(len(a) for a in audios) / SAMPLE_RATE, wall, normalize=normalize)
+                      sum(len(a) for a in audios) / SAMPLE_RATE, wall, normalize=normalize,
+                      long_form=checked)
 
 
 def compare_rows(base: EvalResult, tuned: EvalResult) -> list[dict[str, Any]]:

@@ -110,6 +110,9 @@ def build_report(result: EvalResult, examples: Sequence[Example], *,
     skipped = result.scores.n_empty_references
     if skipped:
         notes.append(f"{skipped} utterance(s) with an empty normalised reference not scored")
+    if result.long_form is not None:  # long_form/* metrics, beside the short-form ones
+        values.update(result.long_form.metrics)
+        notes += result.long_form.notes
 
     durations = [r.get("duration_s") for r in rows]
     columns, column_notes = slice_columns(examples, durations)
@@ -274,6 +277,8 @@ def log_evaluation_report(results: Mapping[str, EvalResult], examples: Sequence[
         _log_table(report.predictions, f"{report_dir}/{key}predictions.json")
         _log_table(report.errors, f"{report_dir}/{key}errors.json")
         log_worst(report, examples, f"{report_dir}/{key}worst")
+        if result.long_form is not None:
+            _log_table(result.long_form.rows, f"{report_dir}/{key}long_form.json")
         mlflow.log_text(_markdown(report, prefix), f"{report_dir}/{key}report.md")
     slices = merge_slices(reports)
     if slices:
@@ -282,7 +287,9 @@ def log_evaluation_report(results: Mapping[str, EvalResult], examples: Sequence[
     if "" in reports and "base_" in reports:
         tuned, base = reports[""].metrics, reports["base_"].metrics
         deltas = {f"{k}_delta": tuned[k] - base[k]
-                  for k in ("wer_orthographic", "ins_rate", "loop_share", "repeated_ngram_rate")
+                  for k in ("wer_orthographic", "ins_rate", "loop_share", "repeated_ngram_rate",
+                            "long_form/wer", "long_form/timestamp_valid_share",
+                            "long_form/loop_share")
                   if k in tuned and k in base}
         mlflow.log_metrics(_finite(deltas, set_prefix))
         if deltas.get("loop_share_delta", 0) > 0:
