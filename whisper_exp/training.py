@@ -23,7 +23,7 @@ from transformers import (
     set_seed,
 )
 
-from whisper_exp import guards, report, run_page, tracking
+from whisper_exp import guards, report, run_page, tracking, truecasing
 from whisper_exp.audio import probe
 from whisper_exp.cache import audio_fingerprint, shared_cache
 from whisper_exp.cache_training import (
@@ -124,7 +124,7 @@ class MlflowMetricsCallback(TrainerCallback):
         metrics = {curve_name(k): float(v) for k, v in logs.items()
                    if isinstance(v, (int, float)) and k not in self.SKIP and math.isfinite(v)}
         if metrics:
-            mlflow.log_metrics(metrics, step=state.global_step)
+            tracking.log_metrics(metrics, step=state.global_step)  # survives an outage
 
 
 def _mixed_precision(cfg: ExperimentConfig, device: torch.device) -> dict[str, bool]:
@@ -392,6 +392,8 @@ def train(
             count_label_tokens=lambda text: len(processor.tokenizer(text).input_ids),
             max_label_tokens=model.config.max_target_positions)
         split = load_splits(cfg.data, seed=cfg.training.seed, language=language, **label_limits)
+        # text_case=truecase: words take the base model's case (its transcripts, cached).
+        mlf.log_metrics(truecasing.recase_split(cfg, split, device, base_language, language))
         _log_data(split, mlf)
         # Read now: a missing or broken eval set fails before anything trains.
         eval_sets = guards.load_eval_sets(cfg, seed=cfg.training.seed, language=language,
@@ -408,6 +410,10 @@ def train(
                       else Path(cfg.training.output_dir).expanduser().resolve() / run_id)
         if resume is None:
             mlf.set_tag(OUTPUT_DIR_TAG, str(output_dir))
+        # From here metrics survive a tracking server outage, and the run stays on disk
+        # (config, metrics, model) for `whisper-exp upload-run` if the server never comes back.
+        mlf.keep_on_disk(output_dir, cfg.to_yaml(), run_name=run_name,
+                         tags={**run_tags, OUTPUT_DIR_TAG: str(output_dir)})
         train_set = SpeechDataset(split.train, processor, _targets(cfg, model))
         eval_set = SpeechDataset(split.eval, processor)
         corpora = (run_page.log_training_datasets(cfg.data, split, train_set, eval_set)
