@@ -19,7 +19,7 @@ def test_conda_env_matches_pip_requirements():
 
 # MLproject parameters whose click option has another name; every other parameter <name> must
 # be forwarded as --<name with dashes>.
-OPTION_FOR = {"set": "--sets"}
+OPTION_FOR = {"set": "--sets", "compare_with": "--compare"}
 
 
 def _forwarded_options(entry_point: str):

@@ -268,8 +268,9 @@ def _number_option(value: str, option: str, cast: type[int] | type[float],
 @click.option("--n-trials", default="", help="Total trials of the study, counted across resumes "
               "and workers (default 20; 'none': until --timeout or Ctrl-C).")
 @click.option("--timeout", default="", help="Start no new trial after this many seconds.")
-@click.option("--study-name", default="", help="The same name resumes (or joins) a study "
-              "(default: <space>-<hash of config and space>).")
+# --study_name: what `mlflow run -P study_name=...` passes (not an MLproject parameter).
+@click.option("--study-name", "--study_name", default="", help="The same name resumes (or "
+              "joins) a study (default: <space>-<hash of config and space>).")
 @click.option("--storage", default="", help="Optuna storage URL (default sqlite:///optuna.db "
               "here; postgresql://... to share a study between machines).")
 @click.option("--direction", default="", help="minimize (default) | maximize the final WER.")

@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import mlflow
 import torch
+from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT
 
 from whisper_exp.run_page import mark_model_training_experiment
 
@@ -130,9 +132,25 @@ def git_commit(cwd: str | Path | None = None) -> str | None:
         return None
 
 
+def _launcher_params() -> dict[str, str]:
+    """Params the active run already holds from ``mlflow run`` (its entry point's parameters,
+    empty outside a project run)."""
+    active = mlflow.active_run()
+    if active is None or MLFLOW_PROJECT_ENTRY_POINT not in active.data.tags:
+        return {}
+    return mlflow.get_run(active.info.run_id).data.params
+
+
 def log_params(params: Mapping[str, Any]) -> None:
-    """Params as strings (None -> ""), in chunks under MLflow's per-call limit."""
+    """Params as strings (None -> ""), in chunks under MLflow's per-call limit.
+
+    A param ``mlflow run`` already logged from an MLproject parameter of the same name (``model``
+    of ``evaluate``) is left as it is: the launcher logs the shell-quoted value (``''`` for
+    empty, ``'a b'``), which MLflow would refuse to "change" to the plain one."""
+    launched = _launcher_params()
     items = [(k, "" if v is None else str(v)) for k, v in params.items()]
+    items = [(k, v) for k, v in items
+             if k not in launched or launched[k] not in (v, shlex.quote(v))]
     for start in range(0, len(items), 100):
         mlflow.log_params(dict(items[start:start + 100]))
 
