@@ -181,3 +181,17 @@ def test_draws_are_seeded_per_example_and_epoch(tokenizer, tokens):
 def test_probabilities_outside_0_1_are_config_errors():
     with pytest.raises(ConfigError, match="training.prompt_probability must be between 0 and 1"):
         TrainingConfig(prompt_probability=1.5)
+
+
+@pytest.mark.parametrize("state_epoch, epoch", [(None, 0), (0.0, 0), (1.0, 1), (0.9999999, 1),
+                                                (1.5, 1)])
+def test_epoch_callback_passes_the_starting_epoch(tokenizer, state_epoch, epoch):
+    """At an epoch's start Trainer's state.epoch is the epochs done (a float; mid-epoch on a
+    resumed run): the draws of that epoch continue."""
+    from types import SimpleNamespace
+
+    from whisper_exp.labels import EpochCallback
+
+    targets = _targets(tokenizer, [_example(0, "s1")])
+    EpochCallback(targets).on_epoch_begin(None, SimpleNamespace(epoch=state_epoch), None)
+    assert targets.epoch == epoch
