@@ -314,3 +314,34 @@ def test_exports_keep_the_alignment_heads(tiny_english_path, tmp_path):
     assert GenerationConfig.from_pretrained(merged).alignment_heads == [[1, 1]]
     ct2 = _export_ct2(merged, tmp_path / "ct2")
     assert json.loads((ct2 / "config.json").read_text())["alignment_heads"] == [[1, 1]]
+
+
+def test_serving_a_ct2_export_never_imports_torch(says_the_path, tmp_path, sample_dir):
+    """A CTranslate2 export logged to a run is resolved (``runs:/``), loaded and answers a
+    transcription request, in a fresh interpreter without ever importing torch."""
+    import subprocess
+    import sys
+
+    import mlflow
+
+    export = _export_ct2(says_the_path, tmp_path / "ct2")
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(export), "model")
+    script = f"""
+import sys
+from fastapi.testclient import TestClient
+from whisper_exp.openai_server import ServeSettings, create_app
+with TestClient(create_app(ServeSettings(model="runs:/{run.info.run_id}"))) as client:
+    answer = client.post("/v1/audio/transcriptions", data={{"model": "m"}},
+                         files={{"file": ("clip.flac", open(sys.argv[1], "rb").read())}})
+    health = client.get("/health").json()
+assert answer.status_code == 200, answer.text
+assert health["backend"] == "ctranslate2", health
+print("text:", answer.json()["text"])
+print("torch imported:", "torch" in sys.modules)
+"""
+    result = subprocess.run([sys.executable, "-c", script, str(sample_dir / CLIP)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "text: the the" in result.stdout
+    assert "torch imported: False" in result.stdout

@@ -31,11 +31,12 @@ from whisper_exp.config import (
 )
 from whisper_exp.ctranslate2_backend import is_ctranslate2_model
 from whisper_exp.decoding import METADATA_FILE
+
+# Also imported from here by callers; resolution lives in the torch-free model_reference.
+from whisper_exp.model_reference import ADAPTER_CONFIG, resolve_model_reference
 from whisper_exp.safety import check_model_folder, use_safetensors
 
 log = logging.getLogger(__name__)
-
-ADAPTER_CONFIG = "adapter_config.json"
 
 
 def default_device() -> torch.device:
@@ -254,23 +255,6 @@ def resolve_model_name(name: str) -> str:
     """Absolute path for local folders (so a saved adapter finds its base from anywhere)."""
     path = Path(name).expanduser()
     return str(path.resolve()) if path.exists() else name
-
-
-def resolve_model_reference(reference: str) -> str:
-    """``runs:/<id>[/path]``, ``models:/<name>@<alias>`` or ``mlflow-artifacts:`` -> local dir;
-    hub names and local paths pass through."""
-    if reference.startswith("runs:/") and reference.count("/") == 1:
-        reference = reference.rstrip("/") + "/model"
-    if reference.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
-        import mlflow
-
-        local = Path(mlflow.artifacts.download_artifacts(reference))
-        # A registered pyfunc keeps the HF files in an artifacts sub-folder.
-        for candidate in (local, local / "artifacts" / "model", local / "model"):
-            if (candidate / "config.json").exists() or (candidate / ADAPTER_CONFIG).exists():
-                return str(candidate)
-        return str(local)
-    return reference
 
 
 def load_for_inference(reference: str, device: torch.device | None = None,

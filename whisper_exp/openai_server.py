@@ -72,7 +72,7 @@ def load_backend(reference: str, compute_type: str = "default") -> tuple[Backend
     """Any model reference -> (transcriber, backend name). MLflow references are downloaded
     once; a CTranslate2 folder runs in faster-whisper, the rest in transformers."""
     from whisper_exp.ctranslate2_backend import FasterWhisperTranscriber, is_ctranslate2_model
-    from whisper_exp.modeling import resolve_model_reference
+    from whisper_exp.model_reference import resolve_model_reference
 
     local = resolve_model_reference(reference)
     if is_ctranslate2_model(local):
