@@ -15,7 +15,7 @@ import click
 
 from whisper_exp.config import ConfigError, resolve_config
 from whisper_exp.data import DataError
-from whisper_exp.preflight import PreflightError, check_database, check_tracking_uri
+from whisper_exp.preflight import PreflightError, check_database, check_tracking_uri, refusal
 from whisper_exp.safety import UnsafeModelError, WeightsMismatchError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -37,6 +37,12 @@ class _Group(click.Group):
         except (ConfigError, DataError, PreflightError, UnsafeModelError,
                 WeightsMismatchError) as exc:
             click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except Exception as exc:  # a 401/403 of an authenticated tracking server: one line
+            refused = refusal(exc)
+            if refused is None:
+                raise
+            click.echo(f"error: {refused}", err=True)
             sys.exit(2)
 
 
@@ -486,6 +492,22 @@ def compare(run_ids, experiment, tracking_uri, no_log):
     click.echo(format_table(result.rows))
     if result.run_id:
         click.echo(f"run_id={result.run_id}")
+
+
+@main.command("upload-run", context_settings=CONTEXT)
+@click.argument("folder", type=click.Path(exists=True, file_okay=False))
+@click.option("--tracking-uri", default="", help="MLflow tracking URI (default: "
+              "$MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).")
+def upload_run(folder, tracking_uri):
+    """Send a run kept on disk (its tracking server went away) to a tracking server."""
+    from whisper_exp import tracking
+    from whisper_exp.upload import upload_run as send
+
+    tracking.configure(tracking_uri or None, None)
+    check_tracking_uri(tracking_uri or None)
+    done = send(folder, tracking_uri or None)
+    click.echo(f"run_id={done.run_id} {'new run' if done.new_run else 'same run'} "
+               f"metrics={done.metrics_sent} model={'sent' if done.model_sent else 'not sent'}")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ PostgreSQL/MySQL database, decides. SQLite only needs its folder to exist.
 from __future__ import annotations
 
 import logging
+import os
+import re
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -18,6 +20,7 @@ TIMEOUT_S = 3.0
 # An endpoint every MLflow tracking server has; it needs the caller's credentials on an
 # authenticated server (so a missing login shows here too). /health does not.
 PROBE_ENDPOINT = "/api/2.0/mlflow/experiments/search"
+CREDENTIAL_VARS = "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD"
 NETWORK_DATABASES = ("postgresql", "mysql", "mssql")
 WHAT_TO_DO = ("start it, or point --tracking-uri / MLFLOW_TRACKING_URI at a running one "
               "(unset: a local sqlite:///mlflow.db)")
@@ -73,10 +76,49 @@ def _check_http(uri: str, timeout_s: float) -> None:
     if status in (401, 403):
         raise PreflightError(
             f"tracking server {shown} refused the request (HTTP {status}): set "
-            "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD to an account with access")
+            f"{CREDENTIAL_VARS} to an account with access")
     if status >= 500 or status == 404:
         raise PreflightError(f"tracking server {shown} answered HTTP {status} to "
                              f"{PROBE_ENDPOINT}: it is not a working MLflow server; {WHAT_TO_DO}")
+
+
+_REFUSED_CODES = {"UNAUTHENTICATED": 401, "PERMISSION_DENIED": 403}
+_ENDPOINT = re.compile(r"endpoint (/\S+)")
+# What a refused request was trying to do, by MLflow REST endpoint (the rest: its path).
+_ACTIONS = {
+    "runs/create": "creating a run in the experiment",
+    "registered-models/alias": "moving a registered model's alias",
+    "model-versions/create": "adding a version to the registered model",
+    "registered-models/create": "creating a registered model",
+    "experiments/create": "creating an experiment",
+}
+
+
+def refusal(exc: BaseException, uri: str | None = None) -> PreflightError | None:
+    """A one-line ``PreflightError`` for an MLflow call the tracking server refused (HTTP 401/403
+    of an authenticated server: no/wrong login, or a permission the user lacks), else None.
+
+    Names the server, what was refused and the user (never the password)."""
+    from mlflow.exceptions import MlflowException
+
+    if not isinstance(exc, MlflowException) or exc.error_code not in _REFUSED_CODES:
+        return None
+    import mlflow
+
+    status = _REFUSED_CODES[exc.error_code]
+    shown = redact(uri or mlflow.get_tracking_uri())
+    found = _ENDPOINT.search(str(exc))
+    endpoint = found.group(1) if found else ""
+    action = next((text for key, text in _ACTIONS.items() if endpoint.endswith(key)),
+                  f"the request {endpoint}".rstrip())
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME")
+    if status == 401 or not user:
+        return PreflightError(f"tracking server {shown} refused {action} (HTTP {status}, not "
+                              f"logged in): set {CREDENTIAL_VARS} to an account with access")
+    return PreflightError(f"tracking server {shown} refused {action} for user {user!r} (HTTP "
+                          "403, permission denied): ask the server's admin for EDIT (or MANAGE) "
+                          f"permission on it, or set {CREDENTIAL_VARS} to an account that has "
+                          "it")
 
 
 def check_database(uri: str, label: str = "tracking store", timeout_s: float = TIMEOUT_S) -> None:

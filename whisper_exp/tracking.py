@@ -27,6 +27,7 @@ import mlflow
 import torch
 from mlflow.utils.mlflow_tags import MLFLOW_PROJECT_ENTRY_POINT
 
+from whisper_exp.run_journal import RunJournal, TrackingUnavailable, server_answers
 from whisper_exp.run_page import mark_model_training_experiment
 
 if TYPE_CHECKING:
@@ -99,10 +100,17 @@ def run(run_name: str | None = None, nested: bool = False,
     mark_model_training_experiment(active.info.experiment_id)
     try:
         yield active
+        journal = _journals.get(active.info.run_id)
+        if journal is not None:
+            journal.require_server()  # the outage's metrics arrive before the run ends
     except KeyboardInterrupt:
         mlflow.end_run("KILLED")
         raise
     except BaseException as exc:
+        stranded = _stranded(active.info.run_id, exc)
+        if stranded is not None:  # ending the run would wait minutes for a server that is gone
+            _forget_active_run()
+            raise stranded from None
         if _is_pruned_trial(exc):
             mlflow.set_tag("optuna.trial_state", "PRUNED")
             mlflow.end_run("KILLED")
@@ -110,6 +118,43 @@ def run(run_name: str | None = None, nested: bool = False,
             mlflow.end_run("FAILED")
         raise
     mlflow.end_run("FINISHED")
+
+
+# Runs whose metrics are also kept on disk (Tracker.keep_on_disk), by run id.
+_journals: dict[str, RunJournal] = {}
+
+
+def _stranded(run_id: str, exc: BaseException) -> TrackingUnavailable | None:
+    """The one-line error for a run that failed because its tracking server went away (the run
+    is on disk), else None."""
+    journal = _journals.get(run_id)
+    if journal is None or isinstance(exc, KeyboardInterrupt):
+        return None
+    if isinstance(exc, TrackingUnavailable) or not server_answers(journal.uri):
+        return TrackingUnavailable(journal.stranded_message())
+    return None
+
+
+def _forget_active_run() -> None:
+    """Drop the active run locally, without the server call ``end_run`` (and MLflow's atexit
+    hook) would make."""
+    import mlflow.tracking.fluent as fluent
+
+    stack = fluent._active_run_stack.get()
+    if stack:
+        stack.pop()
+
+
+def log_metrics(metrics: Mapping[str, float], step: int | None = None) -> None:
+    """Metrics of the active run, through its on-disk journal when it has one (sent when the
+    server answers), else straight to MLflow."""
+    active = mlflow.active_run()
+    journal = _journals.get(active.info.run_id) if active else None
+    values = {k: float(v) for k, v in metrics.items()}
+    if journal is None:
+        mlflow.log_metrics(values, step=step)
+    else:
+        journal.log_metrics(values, step=step)
 
 
 def git_commit(cwd: str | Path | None = None) -> str | None:
@@ -239,30 +284,54 @@ class Tracker:
 
     def __init__(self, enabled: bool | None = None):
         self.enabled = distributed_state().is_main_process if enabled is None else enabled
+        self.journal: RunJournal | None = None
+
+    def keep_on_disk(self, output_dir: str | Path, config_yaml: str, **info: Any) -> None:
+        """From now on the active run's metrics also go to ``<output_dir>/tracking/`` and
+        survive a tracking server outage (see run_journal); the config is written beside them,
+        so ``whisper-exp upload-run <output_dir>`` can send the run later."""
+        active = mlflow.active_run()
+        if not self.enabled or active is None:
+            return
+        self.journal = RunJournal(output_dir, active.info.run_id)
+        (self.journal.folder / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        experiment = mlflow.get_experiment(active.info.experiment_id)
+        self.journal.record_run({"experiment_name": experiment.name, **info})
+        _journals[active.info.run_id] = self.journal
+
+    def _server(self) -> None:
+        """Calls that need the server wait out an outage first (or stop, the run on disk)."""
+        if self.journal is not None:
+            self.journal.require_server()
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         if self.enabled:
+            self._server()
             log_params(params)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self.enabled:
-            mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+            log_metrics(metrics, step=step)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         if self.enabled:
+            self._server()
             mlflow.log_text(text, artifact_file)
 
     def set_tag(self, key: str, value: Any) -> None:
         if self.enabled:
+            self._server()
             mlflow.set_tag(key, value)
 
     def log_csv(self, rows: Sequence[Mapping[str, Any]], artifact_file: str,
                 fieldnames: Sequence[str] | None = None) -> None:
         if self.enabled:
+            self._server()
             log_csv(rows, artifact_file, fieldnames)
 
     def log_directory(self, path: str | Path, artifact_path: str) -> None:
         if self.enabled:
+            self._server()
             log_directory(path, artifact_path)
 
 
