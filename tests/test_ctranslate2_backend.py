@@ -20,7 +20,7 @@ from servers import b64, wav_bytes
 from whisper_exp.audio import SAMPLE_RATE, load_audio
 from whisper_exp.cli import main
 from whisper_exp.ctranslate2_backend import is_ctranslate2_model
-from whisper_exp.decoding import TranscribeError
+from whisper_exp.decoding import DecodeOptions, TranscribeError
 from whisper_exp.metrics import english_normalizer, score
 from whisper_exp.modeling import load_for_inference, resolve_model_reference
 from whisper_exp.registry import RegistryError, register_run
@@ -151,7 +151,8 @@ def test_batched_decoding_matches_clip_by_clip(tiny_english_path, tmp_path, monk
                                                num_beams):
     """Clips up to 30 s go through faster-whisper's BatchedInferencePipeline, several per
     encoder/decoder pass, with the transcripts the one-clip-at-a-time loop gives: mixed lengths
-    (a clip under one mel hop, a full 30 s window), greedy and beam search. (The random
+    (a clip under one mel hop, padded to a window like the rest; a full 30 s window), greedy
+    and beam search. (The random
     "multilingual" test model has an English tokenizer, which CTranslate2 takes for English-only,
     so language handling is checked in test_export with a recording stand-in.)"""
     from faster_whisper import BatchedInferencePipeline
@@ -180,8 +181,77 @@ def test_batched_decoding_matches_clip_by_clip(tiny_english_path, tmp_path, monk
     monkeypatch.setattr(BatchedInferencePipeline, "transcribe", counted)
     options = DecodeOptions(batch_size=3, max_new_tokens=12, num_beams=num_beams)
     batched = [d.text for d in transcriber.transcribe_audio(clips, options)]
-    assert passes == [3, 3], "six clips decoded three at a time (the 5 ms one needs no pass)"
+    assert passes == [3, 3, 1], "seven clips decoded three at a time"
     one_by_one = [decode_with_faster_whisper(transcriber.model, clip, beam_size=num_beams,
                                              max_new_tokens=12).text for clip in clips]
     assert batched == one_by_one
     assert sum(bool(text) for text in one_by_one) >= 4, "the random model does emit text"
+
+
+@pytest.fixture(scope="module")
+def says_the_ct2(says_the_path, tmp_path_factory) -> Path:
+    """The says-the model (" the" at every step) exported to CTranslate2 (float32)."""
+    from whisper_exp.export import export_model
+
+    return export_model(str(says_the_path), tmp_path_factory.mktemp("says-ct2") / "ct2",
+                        fmt="ctranslate2", log_to_run=False)
+
+
+@pytest.mark.parametrize("timestamps", [False, True])
+def test_ct2_backend_decodes_the_whole_token_budget(says_the_path, says_the_ct2, timestamps):
+    """A model that never stops runs to its token budget: the same number of tokens from both
+    backends, batched or clip by clip. (CTranslate2's Whisper decodes only max_length // 2
+    tokens, so faster-whisper's max_length = prompt + budget gave about half.)"""
+    from whisper_exp.ctranslate2_backend import FasterWhisperTranscriber, load_faster_whisper
+
+    clip = np.zeros(3 * SAMPLE_RATE, dtype=np.float32)
+    budget = 60
+    options = DecodeOptions(max_new_tokens=budget, return_timestamps=timestamps)
+    fast = FasterWhisperTranscriber.load(says_the_ct2).transcribe_audio([clip, clip], options)
+    slow = Transcriber.load(str(says_the_path)).transcribe_audio([clip], options)
+    # With timestamps both engines spend the first token on the opening <|0.00|>.
+    assert [len(d.text.split()) for d in slow] == [budget - timestamps]
+    assert [len(d.text.split()) for d in fast] == [budget - timestamps] * 2
+    # The widened max_length never moves the budget past the decoder's 448 positions.
+    model = load_faster_whisper(says_the_ct2)
+    from whisper_exp.ctranslate2_backend import decode_with_faster_whisper
+
+    assert len(decode_with_faster_whisper(model, clip, max_new_tokens=444).text.split()) == 444
+
+
+def test_ct2_backend_feeds_transformers_features(says_the_ct2, tiny_english_path, sample_dir):
+    """Clips up to 30 s reach the CTranslate2 encoder as the log-mel of the clip padded with
+    silence to 30 s, i.e. WhisperFeatureExtractor's features (what models are fine-tuned on),
+    clip by clip, batched and with word timestamps; not faster-whisper's zero-padded log-mel."""
+    from faster_whisper import WhisperModel
+    from transformers import WhisperFeatureExtractor
+
+    from whisper_exp.ctranslate2_backend import FasterWhisperTranscriber
+
+    clip = load_audio(sample_dir / "001350134.flac")
+    expected = WhisperFeatureExtractor.from_pretrained(tiny_english_path)(
+        clip, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features[0]
+    fed: list[np.ndarray] = []
+    original = WhisperModel.encode
+
+    def spy(self, features):
+        fed.append(np.asarray(features).reshape(-1, *expected.shape)[0])
+        return original(self, features)
+
+    transcriber = FasterWhisperTranscriber.load(says_the_ct2)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WhisperModel, "encode", spy)
+        for options in (DecodeOptions(max_new_tokens=4),
+                        DecodeOptions(max_new_tokens=4, return_timestamps=True),
+                        DecodeOptions(max_new_tokens=4, word_timestamps=True)):
+            decoded = transcriber.transcribe_audio([clip], options)[0]
+            assert all(s.end <= len(clip) / SAMPLE_RATE for s in decoded.segments)
+    assert len(fed) >= 3
+    for features in fed:
+        np.testing.assert_allclose(features, expected, atol=1e-4)
+    old = FasterWhisperTranscriber.load(says_the_ct2, pad=False)
+    fed.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(WhisperModel, "encode", spy)
+        old.transcribe_audio([clip], DecodeOptions(max_new_tokens=4))
+    assert not np.allclose(fed[0], expected, atol=1e-2), "faster-whisper's own padding differs"
