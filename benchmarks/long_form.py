@@ -6,8 +6,9 @@ Run (not in CI; about 12 minutes on 2 CPU cores for the 260 dev utterances):
     python benchmarks/long_form.py --model runs:/<run_id>
 
 Consecutive utterances of ``--data`` (default: the shared speechocean762 dev set) are joined with
-``--gap`` seconds of silence into recordings of about ``--minutes`` minutes. The same model
-(``--model``, any reference) transcribes:
+``--gap`` seconds of silence into recordings of about ``--minutes`` minutes
+(``whisper_exp.long_form.join_recordings``, as every evaluation's long-form check does, here
+regardless of speaker). The same model (``--model``, any reference) transcribes:
 (a) every utterance on its own (batched short-form decoding, as ``evaluate`` does): the WER a
     perfect long-form decoder would match;
 (b) each whole recording with transformers' sequential long-form generation
@@ -35,7 +36,9 @@ import numpy as np
 from machine import bar_chart, describe_machine, save_results
 
 from whisper_exp.audio import SAMPLE_RATE, load_audio
+from whisper_exp.config import EvaluationConfig
 from whisper_exp.decoding import DecodeOptions
+from whisper_exp.long_form import join_recordings
 from whisper_exp.metrics import english_normalizer, score
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,26 +57,12 @@ class Row:
     wall_s: float
 
 
-def join_recordings(data: Path, limit: int | None, minutes: float, gap_s: float
-                    ) -> tuple[list[np.ndarray], list[list[str]], list[np.ndarray]]:
-    """(recordings, references per recording, utterance audio in order)."""
+def read_utterances(data: Path, limit: int | None) -> tuple[list[np.ndarray], list[str]]:
+    """The first ``limit`` utterances of ``data/metadata.csv`` (audio and transcript)."""
     with (data / "metadata.csv").open(encoding="utf-8") as handle:
         rows = list(csv.DictReader(handle))[:limit or None]
-    silence = np.zeros(int(gap_s * SAMPLE_RATE), dtype=np.float32)
-    recordings, references, utterances = [], [], []
-    pieces: list[np.ndarray] = []
-    texts: list[str] = []
-    for index, row in enumerate(rows):
-        audio = load_audio(data / row["file_name"])
-        utterances.append(audio)
-        pieces += [audio, silence]
-        texts.append(row["transcription"])
-        full = sum(len(p) for p in pieces) >= minutes * 60 * SAMPLE_RATE
-        if full or index == len(rows) - 1:
-            recordings.append(np.concatenate(pieces))
-            references.append(texts)
-            pieces, texts = [], []
-    return recordings, references, utterances
+    return ([load_audio(data / row["file_name"]) for row in rows],
+            [row["transcription"] for row in rows])
 
 
 def main() -> None:
@@ -82,7 +71,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=SHARED / "data/speechocean762/dev")
     parser.add_argument("--limit", type=int, default=None, help="First N utterances only.")
     parser.add_argument("--minutes", type=float, default=3.0, help="Length of each recording.")
-    parser.add_argument("--gap", type=float, default=0.5, help="Silence between utterances (s).")
+    parser.add_argument("--gap", type=float, default=EvaluationConfig().long_form_gap_s,
+                        help="Silence between utterances (s).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results")
     args = parser.parse_args()
 
@@ -91,13 +81,17 @@ def main() -> None:
     from whisper_exp.transcribe import Transcriber
 
     command = "python benchmarks/long_form.py " + shlex.join(sys.argv[1:])
-    recordings, references, utterances = join_recordings(args.data, args.limit, args.minutes,
-                                                         args.gap)
+    utterances, utterance_refs = read_utterances(args.data, args.limit)
+    # Consecutive utterances regardless of speaker (no speakers passed), as the published
+    # figures were made; a last bit too short for long-form joins the recording before.
+    joined, _ = join_recordings(utterances, utterance_refs, None, minutes=args.minutes,
+                                gap_s=args.gap)
+    recordings = [r.audio for r in joined]
+    references = [r.references for r in joined]
     audio_s = sum(len(r) for r in recordings) / SAMPLE_RATE
     speech_s = sum(len(u) for u in utterances) / SAMPLE_RATE
     normalize = english_normalizer()
     joined_refs = [" ".join(texts) for texts in references]
-    flat_refs = [text for texts in references for text in texts]
     rows: list[Row] = []
 
     def add(name: str, unit: str, refs: list[str], texts: list[str], wall: float,
@@ -115,7 +109,7 @@ def main() -> None:
     transcriber.transcribe_audio(utterances[:1], DecodeOptions())  # warm-up, untimed
     start = time.perf_counter()
     texts = [d.text for d in transcriber.transcribe_audio(utterances, DecodeOptions())]
-    add("transformers, utterance by utterance (batched)", "utterances", flat_refs, texts,
+    add("transformers, utterance by utterance (batched)", "utterances", utterance_refs, texts,
         time.perf_counter() - start, speech_s)
     long_form_options = {
         "transformers long-form, greedy": GREEDY,

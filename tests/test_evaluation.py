@@ -77,3 +77,34 @@ def test_evaluation_reads_transcripts_in_the_models_language(tiny_multilingual_p
     report = run_evaluation(str(tiny_multilingual_path), str(data), cfg)
     (row,) = _table(report.run_id, "predictions.csv")
     assert row["reference"] == "Sono i miei amici."
+
+
+def test_rows_without_a_reference_are_left_out_and_counted(tmp_path, sample_dir):
+    from conftest import copy_sample
+
+    from whisper_exp.config import DataConfig
+    from whisper_exp.data import NO_REFERENCE, DataError, load_eval_only
+
+    folder = copy_sample(tmp_path / "set", n=4)
+    path = folder / "metadata.csv"
+    rows = list(csv.DictReader(path.open(encoding="utf-8")))
+    for row in rows[1:3]:
+        row["transcription"] = "  "
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    split = load_eval_only(folder, DataConfig(on_invalid="error"))  # not an error here
+    assert [e.name for e in split.eval] == [rows[0]["file_name"], rows[3]["file_name"]]
+    assert [(p.file, p.message) for p in split.skipped] == [
+        (rows[1]["file_name"], NO_REFERENCE), (rows[2]["file_name"], NO_REFERENCE)]
+    assert any(n.startswith("2 of 4 rows have no reference transcript: not scored")
+               for n in split.notices), split.notices
+    for row in rows:
+        row["transcription"] = ""
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    with pytest.raises(DataError, match="none of its 4 rows has a reference transcript"):
+        load_eval_only(folder, DataConfig())

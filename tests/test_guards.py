@@ -16,7 +16,7 @@ from transformers import TrainerCallback
 from whisper_exp import cli
 from whisper_exp.config import load_config
 from whisper_exp.data import DataError
-from whisper_exp.evaluation import EvalResult
+from whisper_exp.evaluation import EvalResult, run_evaluation
 from whisper_exp.guards import Regression, check_regression, failure_line
 from whisper_exp.metrics import Scores
 from whisper_exp.training import TrainResult, train
@@ -148,20 +148,59 @@ def test_train_fail_on_regression_exits_3_after_the_run(monkeypatch, tmp_path):
     assert warned.exit_code == 0 and "warning: regression: general" in warned.stderr
 
 
-def test_evaluate_compare_fail_on_regression(tiny_english_path, says_the_path, sample_dir):
-    # says_the answers six words to every clip, the base two: the tuned side is worse.
+def test_evaluate_compare_fail_on_regression(tiny_english_path, says_the_path, sample_dir,
+                                             tmp_path):
+    # says_the answers eight words to every clip, the base two: the tuned side is worse, on the
+    # primary data and on the named guard set, whose references are what the base says. Its
+    # third row has no reference: scored on the other two, and the run says so.
+    general = _echo_set(tmp_path / "general", n=3)
+    rows = list(csv.DictReader((general / "metadata.csv").open(encoding="utf-8")))
+    rows[2]["transcription"] = ""
+    with (general / "metadata.csv").open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
     args = ["evaluate", "--model", str(says_the_path), "--data", str(sample_dir),
             "--compare", str(tiny_english_path), "--set", "data.max_eval_samples=2",
-            "--set", "evaluation.max_new_tokens=6", "--fail-on-regression"]
+            "--set", "evaluation.max_new_tokens=8", "--fail-on-regression",
+            "--set", f"data.eval_sets.general.source={general}",
+            "--set", "data.eval_sets.general.guard=true",
+            "--set", f"data.eval_sets.plain={general}"]
     outcome = CliRunner().invoke(cli.main, args)
     assert outcome.exit_code == 3, outcome.output
     assert outcome.stderr.strip().splitlines()[-1].startswith(
         "error: regression: eval: tuned is worse by ")
+    assert "; general: tuned is worse by " in outcome.stderr
+    assert "plain:" not in outcome.stderr, "not a guard: scored, not compared"
     run_id = outcome.stdout.split("run_id=")[1].split()[0]
     run = mlflow.get_run(run_id)
     assert run.info.status == "FINISHED", "everything was logged before the exit"
-    assert run.data.metrics["wer_delta"] > 0.02
+    metrics = run.data.metrics
+    assert metrics["wer_delta"] > 0.02
     assert "regression.eval" in run.data.tags
+    assert metrics["general/base_wer"] == 0.0 and metrics["general/wer_delta"] > 0.02
+    assert run.data.tags["regression.general"].startswith("tuned is worse by ")
+    assert "plain/wer" in metrics and "plain/base_wer" not in metrics
+    assert "regression.plain" not in run.data.tags
+    assert run.data.params["data.n_eval.general"] == "2"
+    assert metrics["general/n_utterances"] == 2 and metrics["general/unscored_rows"] == 1
+    assert metrics["unscored_rows"] == 0
+    report = mlflow.artifacts.load_text(f"runs:/{run_id}/eval/general/report.md")
+    assert "1 of 3 rows have no reference transcript: not scored" in report
+    skipped = mlflow.artifacts.load_text(f"runs:/{run_id}/data/general/skipped_rows.csv")
+    assert "no reference transcript" in skipped
+
+
+def test_evaluate_names_a_missing_eval_set_before_decoding(tiny_english_path, sample_dir,
+                                                           tmp_path, monkeypatch):
+    missing = tmp_path / "no-such-set"
+    cfg = load_config(None, {"data": {"eval_sets": {"general": str(missing)}}})
+    decoded = []
+    monkeypatch.setattr("whisper_exp.evaluation.evaluate_examples",
+                        lambda *args, **kwargs: decoded.append(1))
+    with pytest.raises(DataError, match=rf"eval set 'general' \({missing}\): no such folder"):
+        run_evaluation(str(tiny_english_path), str(sample_dir), cfg)
+    assert decoded == []
 
 
 @pytest.mark.parametrize("checkpoint_steps", [-1, 1], ids=["in-memory", "checkpoint"])

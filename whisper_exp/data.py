@@ -32,6 +32,10 @@ METADATA_FILE = "metadata.csv"
 REQUIRED_COLUMNS = ("file_name", "transcription")
 
 
+# Why an eval row with no transcript is left out of scoring (its skipped_rows.csv message).
+NO_REFERENCE = "no reference transcript: not scored"
+
+
 class DataError(ValueError):
     """The dataset cannot be used; the message lists every problem with its file and row."""
 
@@ -462,14 +466,27 @@ def load_eval_only(
     seed: int = 42, language: str | None = "english",
 ) -> DatasetSplit:
     """A whole dataset for evaluation (no held-out split). ``language`` is the model's
-    (``cfg.model.language``; None for an English-only model): it decides text case."""
-    good, problems, notices = _prepare(read_source(source, cfg, cfg.eval_split_name or
-                                                   cfg.train_split_name),
-                                       cfg, count_label_tokens, max_label_tokens, language)
+    (``cfg.model.language``; None for an English-only model): it decides text case. Rows with
+    no reference transcript are not scored: left out (in ``skipped``) with a notice, whatever
+    ``data.on_invalid`` says, so a partly transcribed set is scored on the rest."""
+    loaded = read_source(source, cfg, cfg.eval_split_name or cfg.train_split_name)
+    unscored = [Problem(e.where, e.name, NO_REFERENCE) for e in loaded.examples
+                if not e.text.strip()]
+    if unscored:
+        total = len(loaded.examples)
+        if len(unscored) == total:
+            raise DataError(f"{source}: none of its {total} rows has a reference transcript "
+                            "(the transcription column is empty); nothing to score")
+        loaded.examples = [e for e in loaded.examples if e.text.strip()]
+        loaded.notices.append(f"{len(unscored)} of {total} rows have no reference transcript: "
+                              f"not scored (listed in skipped_rows.csv); scored on the other "
+                              f"{total - len(unscored)}")
+    good, problems, notices = _prepare(loaded, cfg, count_label_tokens, max_label_tokens,
+                                       language)
     _raise_or_skip(problems, cfg.on_invalid)
     _require(good, source)
-    return DatasetSplit([], _subset(good, cfg.max_eval_samples, seed), problems, notices,
-                        "evaluation only")
+    return DatasetSplit([], _subset(good, cfg.max_eval_samples, seed), unscored + problems,
+                        notices, "evaluation only")
 
 
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")

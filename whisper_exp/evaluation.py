@@ -15,7 +15,7 @@ from transformers import WhisperForConditionalGeneration, WhisperProcessor
 from whisper_exp import report, run_page, tracking
 from whisper_exp.audio import SAMPLE_RATE, load_audio
 from whisper_exp.config import EvaluationConfig, ExperimentConfig
-from whisper_exp.data import Example, load_eval_only
+from whisper_exp.data import NO_REFERENCE, DatasetSplit, Example, load_eval_only
 from whisper_exp.generation import (
     transcribe_arrays,  # noqa: F401  (benchmarks import it here)
     transcribe_arrays_with_budget,
@@ -101,6 +101,8 @@ class EvaluationReport:
     results: dict[str, EvalResult]
     # Under --compare: the model against the base (guards.Regression), for --fail-on-regression.
     regressions: list[Any] = field(default_factory=list)
+    # data.eval_sets: the model's result on each named set.
+    eval_sets: dict[str, EvalResult] = field(default_factory=dict)
 
 
 def run_evaluation(
@@ -109,11 +111,14 @@ def run_evaluation(
     cfg: ExperimentConfig,
     compare_with: str | None = None,
 ) -> EvaluationReport:
-    """The ``evaluate`` entry point: one MLflow run, one or two models on one dataset.
+    """The ``evaluate`` entry point: one MLflow run, one or two models on one dataset, and on
+    each ``data.eval_sets`` entry (metrics ``<set>/...``, as train's final evaluation).
 
     With ``compare_with`` (the base model), both are scored on identical data and the run logs
     ``base_wer``, ``wer`` and ``wer_delta`` plus a side-by-side table; the data is a guard set:
     worse than the base by more than ``evaluation.max_regression`` tags ``regression.eval``.
+    Named sets marked ``guard`` are compared with that base the same way (``<set>/wer_delta``,
+    ``regression.<set>``).
     """
     from whisper_exp import guards  # guards builds on this module
 
@@ -127,26 +132,31 @@ def run_evaluation(
         tracking.log_params({"model": model, "data": data, "compare_with": compare_with,
                              "evaluation.num_beams": cfg.evaluation.num_beams,
                              "evaluation.batch_size": cfg.evaluation.batch_size,
+                             "evaluation.long_form": cfg.evaluation.long_form,
                              "git_commit": tracking.git_commit()})
         examples = None
+        eval_sets: dict[str, Any] = {}
+        kept: dict[str, tuple[Any, WhisperProcessor]] = {}  # models the named sets score
         for prefix, reference in models.items():
             loaded_model, processor = load_for_inference(reference, device,
                                                          language=cfg.model.language,
                                                          task=cfg.model.task)
             if examples is None:
-                split = load_eval_only(
-                    data, cfg.data, seed=cfg.training.seed,
+                options = dict(
+                    seed=cfg.training.seed,
                     language=(loaded_model.generation_config.language
                               if is_multilingual(loaded_model) else "english"),
                     count_label_tokens=lambda t, p=processor: len(p.tokenizer(t).input_ids),
                     max_label_tokens=loaded_model.config.max_target_positions,
                 )
+                split = load_eval_only(data, cfg.data, **options)
+                # Read now: a missing or broken named set fails before anything is decoded.
+                eval_sets = guards.load_eval_sets(cfg, **options)
                 examples = split.eval
-                for notice in split.notices:
-                    log.info(notice)
-                if split.skipped:
-                    tracking.log_csv([vars(p) for p in split.skipped], "skipped_rows.csv")
+                log_split_notes(split)
                 mlflow.log_param("data.n_utterances", len(examples))
+                mlflow.log_params({f"data.n_eval.{name}": len(s.eval)
+                                   for name, s in eval_sets.items()})
                 corpus = run_page.log_evaluation_dataset(data, cfg.data, split)
             tracking.reset_peak_memory(device)
             result = evaluate_examples(loaded_model, processor, examples, cfg.evaluation,
@@ -156,19 +166,42 @@ def run_evaluation(
                      reference, 100 * result.scores.wer, 100 * result.scores.cer,
                      len(result.rows), result.rtfx)
             mlflow.log_metrics(result.metrics(prefix), dataset=corpus)
+            if eval_sets:
+                kept[prefix] = (loaded_model, processor)
             del loaded_model
-        report.log_evaluation_report(results, examples, worst_n=cfg.evaluation.worst_n)
-        peak, kind = tracking.peak_memory_mb(device)
-        mlflow.log_metric("peak_memory_mb", peak)
-        mlflow.set_tag("peak_memory_kind", kind)
+        report.log_evaluation_report(results, examples, worst_n=cfg.evaluation.worst_n,
+                                     notes=split.notices)
         if compare_with is not None:
             base, tuned = results["base_"], results[""]
             regressions.append(guards.check_regression(guards.PRIMARY, tuned, base,
                                                        cfg.evaluation.max_regression))
             guards.log_regression(regressions[-1])  # wer_delta, and the tag past the threshold
             tracking.log_csv(compare_rows(base, tuned), "comparison.csv")
+        set_results: dict[str, EvalResult] = {}
+        if eval_sets:
+            set_results, set_regressions = guards.score_eval_sets(
+                eval_sets, cfg, *kept.pop(""), language=cfg.model.language,
+                base=(lambda: kept["base_"]) if compare_with is not None else None)
+            regressions += set_regressions
+            kept.clear()
+        peak, kind = tracking.peak_memory_mb(device)
+        mlflow.log_metric("peak_memory_mb", peak)
+        mlflow.set_tag("peak_memory_kind", kind)
         run_page.set_description(run_page.evaluation_description(
             model=model, data=corpus, wer=results[""].scores.wer, cer=results[""].scores.cer,
             base_model=compare_with,
             base_wer=results["base_"].scores.wer if compare_with is not None else None))
-        return EvaluationReport(active.info.run_id, results, regressions)
+        return EvaluationReport(active.info.run_id, results, regressions, set_results)
+
+
+def log_split_notes(split: DatasetSplit, name: str = "") -> None:
+    """What loading an eval set left out and why: ``skipped_rows.csv`` (under ``data/<name>/``
+    for a named set) and the count of rows without a reference (``unscored_rows``)."""
+    prefix = f"{name}/" if name else ""
+    for notice in split.notices:
+        log.info("%s%s", f"eval set {name}: " if name else "", notice)
+    if split.skipped:
+        tracking.log_csv([vars(p) for p in split.skipped],
+                         f"data/{name}/skipped_rows.csv" if name else "skipped_rows.csv")
+    mlflow.log_metric(f"{prefix}unscored_rows",
+                      sum(p.message == NO_REFERENCE for p in split.skipped))

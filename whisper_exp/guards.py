@@ -1,7 +1,7 @@
 """Guards against what fine-tuning breaks: named eval sets (``data.eval_sets``) scored beside the
-primary one, each with its own prefixed metrics and report, and a regression check of guard sets
-against the base model (``<set>/wer_delta``, tag ``regression.<set>``; ``--fail-on-regression``
-turns it into exit code 3)."""
+primary one by train's final evaluation and by ``evaluate``, each with its own prefixed metrics
+and report, and a regression check of guard sets against the base model (``<set>/wer_delta``,
+tag ``regression.<set>``; ``--fail-on-regression`` turns it into exit code 3)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from transformers import WhisperProcessor
 from whisper_exp import report
 from whisper_exp.config import ConfigError, ExperimentConfig
 from whisper_exp.data import DatasetSplit, load_eval_set
-from whisper_exp.evaluation import EvalResult, evaluate_examples
+from whisper_exp.evaluation import EvalResult, evaluate_examples, log_split_notes
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +101,7 @@ def score_eval_sets(
     results: dict[str, EvalResult] = {}
     regressions = []
     for name, split in sets.items():
+        log_split_notes(split, name)
         tuned = evaluate_examples(model, processor, split.eval, cfg.evaluation, language=language)
         mlflow.log_metrics(tuned.metrics(f"{name}/"))
         scored = {"": tuned}
@@ -118,7 +119,8 @@ def score_eval_sets(
                 log_regression(regression)
                 regressions.append(regression)
         report.log_evaluation_report(scored, split.eval, worst_n=cfg.evaluation.worst_n,
-                                     csv_dir=f"{report.REPORT_DIR}/{name}", name=name)
+                                     csv_dir=f"{report.REPORT_DIR}/{name}", name=name,
+                                     notes=split.notices)
         results[name] = tuned
         log.info("eval set %s: WER %.2f%% on %d utterances", name, 100 * tuned.scores.wer,
                  len(tuned.rows))

@@ -5,8 +5,10 @@ Per model scored (prefix ``""``, or ``base_`` for the base under ``evaluate --co
 orthographic WER, punctuation and capitalisation F1 (absent, with a note, when the references
 carry none), the substitution / deletion / insertion breakdown with its most frequent words,
 loop and hallucination indicators, WER by metadata column and duration bucket (table and bar
-chart; base beside tuned under ``--compare``), the N worst utterances with their audio, and the
-per-utterance predictions as an MLflow table. Metric definitions live in ``metrics``.
+chart; base beside tuned under ``--compare``), the N worst utterances with their audio, the
+per-utterance predictions as an MLflow table, and the long-form check's ``long_form/*`` metrics
+and table (computed by ``long_form`` during the evaluation). Metric definitions live in
+``metrics``.
 """
 
 from __future__ import annotations
@@ -257,12 +259,13 @@ def _markdown(report: Report, prefix: str) -> str:
 
 
 def log_evaluation_report(results: Mapping[str, EvalResult], examples: Sequence[Example], *,
-                          worst_n: int = 20, csv_dir: str = "", name: str = ""
-                          ) -> dict[str, Report]:
+                          worst_n: int = 20, csv_dir: str = "", name: str = "",
+                          notes: Sequence[str] = ()) -> dict[str, Report]:
     """Build and log the report of each result (keyed by metric prefix: ``""``, ``"base_"``)
     into the active run; ``csv_dir`` is where ``<prefix>predictions.csv`` has always gone
     (``eval`` for train, the root for evaluate). ``name``: a named eval set's report, its
-    metrics prefixed ``<name>/`` and its artifacts under ``eval/<name>/``. Returns the
+    metrics prefixed ``<name>/`` and its artifacts under ``eval/<name>/``. ``notes``: what
+    the data loading said (rows left out, text case), repeated in each report. Returns the
     reports."""
     reports: dict[str, Report] = {}
     set_prefix = f"{name}/" if name else ""
@@ -270,6 +273,7 @@ def log_evaluation_report(results: Mapping[str, EvalResult], examples: Sequence[
     for key, result in results.items():
         prefix = set_prefix + key
         report = build_report(result, examples, worst_n=worst_n)
+        report.notes = [*notes, *report.notes]
         reports[key] = report
         log_csv(result.rows, f"{csv_dir}/{key}predictions.csv".lstrip("/"), CSV_COLUMNS)
         mlflow.log_param(f"{prefix}normalizer", report.normalizer)
