@@ -82,6 +82,21 @@ def test_report_figures_on_known_results(sample_dir):
                                  "count": 14}
 
 
+def test_a_column_with_thousands_of_values_is_not_sliced_and_the_report_says_so(sample_dir):
+    clip = str(sorted(sample_dir.glob("*.flac"))[0])
+    n = 1000
+    examples = [Example(clip, "he is a big boy", f"u{i}", metadata={
+        "utterance_id": f"id-{i:05d}", "gender": "fm"[i % 2]}) for i in range(n)]
+    hypotheses = ["he is a big boy" if i % 2 else "he is a boy" for i in range(n)]
+    report = build_report(_result(examples, hypotheses, durations=[2.5] * n), examples,
+                          worst_n=0)
+    assert {r["column"] for r in report.slices} == {"gender", "duration"}
+    assert ("column 'utterance_id' not sliced: 1000 distinct values in 1000 rows (more than 50 "
+            "or half the rows)") in report.notes
+    by_gender = {r["value"]: r["wer"] for r in report.slices if r["column"] == "gender"}
+    assert by_gender == {"f": pytest.approx(1 / 5), "m": 0.0}
+
+
 def test_references_without_punctuation_or_case_log_no_f1_and_say_why(sample_dir):
     examples = _examples(sample_dir)
     for example in examples:
