@@ -3,6 +3,7 @@ pruners, and creating, resuming or joining a study under a name derived from its
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -123,9 +124,74 @@ def _stale_trial_handler(retry: Callable[[optuna.Study, FrozenTrial], None]
     return handle
 
 
+# How long a storage call waits for its database to come back (a PostgreSQL restart, a failover)
+# before the worker gives up.
+STORAGE_RECONNECT_S = 180.0
+
+
+def _lost_connection(exc: BaseException) -> BaseException | None:
+    """The dropped or refused database connection anywhere in the exception's chain (Optuna
+    wraps commit failures in StorageInternalError), else None."""
+    from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (OperationalError, InterfaceError)) or (
+                isinstance(exc, DBAPIError) and exc.connection_invalidated):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _reconnecting(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self, *args, **kwargs):
+        deadline = time.monotonic() + STORAGE_RECONNECT_S
+        pause = 0.5
+        while True:
+            try:
+                return method(self, *args, **kwargs)
+            except Exception as exc:
+                cause = _lost_connection(exc)
+                if cause is None or time.monotonic() > deadline:
+                    raise
+                reason = str(getattr(cause, "orig", None) or cause).strip().splitlines()[0]
+                log.warning("Optuna storage %s: connection lost in %s (%s); retrying in %.1f s",
+                            self.url_for_logs, method.__name__, reason[:160], pause)
+                time.sleep(pause)
+                pause = min(2 * pause, 5.0)
+
+    return call
+
+
+class ReconnectingRDBStorage(optuna.storages.RDBStorage):
+    """An RDBStorage whose calls wait out a database restart instead of failing the trial (and
+    the worker): a call that lost its connection is retried with a fresh one (pool_pre_ping
+    drops dead pooled connections) for up to ``STORAGE_RECONNECT_S``. A connection refused or
+    cut mid-transaction commits nothing (PostgreSQL rolls it back), so a retried write is
+    written once; only a commit whose acknowledgement alone was lost could repeat."""
+
+    url_for_logs = ""
+
+
+for _name in ("create_new_study", "delete_study", "set_study_user_attr",
+              "set_study_system_attr", "get_study_id_from_name", "get_study_name_from_id",
+              "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+              "get_trial_user_attrs", "get_trial_system_attrs", "get_all_studies",
+              "create_new_trial", "set_trial_param", "get_trial_param",
+              "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+              "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial",
+              "get_all_trials", "get_best_trial", "record_heartbeat",
+              "_get_stale_trial_ids"):
+    setattr(ReconnectingRDBStorage, _name,
+            _reconnecting(getattr(optuna.storages.RDBStorage, _name)))
+
+
 def open_storage(url: str, heartbeat_interval: int | None = 60) -> optuna.storages.RDBStorage:
-    """An RDB storage with heartbeats (stale trials of dead workers are failed and retried once)
-    and, for SQLite, a long lock timeout so concurrent workers wait instead of erroring."""
+    """An RDB storage with heartbeats (stale trials of dead workers are failed and retried once),
+    that waits out a database restart (ReconnectingRDBStorage), and, for SQLite, a long lock
+    timeout so concurrent workers wait instead of erroring."""
     engine_kwargs: dict[str, Any] = (
         {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     )
@@ -144,7 +210,9 @@ def open_storage(url: str, heartbeat_interval: int | None = 60) -> optuna.storag
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+                storage = ReconnectingRDBStorage(url, engine_kwargs=engine_kwargs, **heartbeat)
+            storage.url_for_logs = redact_storage(url)
+            return storage
         except (OperationalError, IntegrityError, ProgrammingError) as exc:
             # Workers started together on a fresh database race to create its tables
             # (PostgreSQL: "type studydirection already exists" is a ProgrammingError), or the
