@@ -1,6 +1,7 @@
 """Screenshots of the MLflow UI for the README's "Tracking" section: a run page and runs compared.
 
-Run (not in CI; a few minutes on 2 CPU cores, needs Debian's ``chromium`` and ``../shared``):
+Run (not in CI; about 13 min on the shared 2-core machine; needs Debian's ``chromium`` and
+``../shared``):
     python benchmarks/ui_screenshots.py
     python benchmarks/ui_screenshots.py --model openai/whisper-tiny --max-steps 20
 
@@ -10,14 +11,14 @@ against its base, the LoRA run registered as ``whisper-exp@champion``. Then serv
 ``mlflow server`` on loopback, opens it in headless Chromium (Playwright driving
 ``/usr/bin/chromium``; no browser download) and saves ``run_page.png`` (the LoRA run's overview:
 description, datasets, logged model, registered version, metrics) and ``runs_compared.png``
-(the three runs side by side, MLflow's compare page) under ``--out`` (default docs/img).
+(the experiment's runs table in the saved view with the WER columns, ``run_page.wer_view_url``)
+under ``--out`` (default docs/img).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -49,10 +50,10 @@ def build_store(model: str, data: Path, max_steps: int, workdir: Path) -> dict[s
     from whisper_exp.training import train
 
     def config(strategy: str, run_name: str | None):
-        return load_config(None, {
+        # The shipped recipe of each strategy (full: lr 1e-5), as `train --config <strategy>`.
+        return load_config(strategy, {
             "model": {"name": model},
             "data": {"train": str(data)},
-            "finetuning": {"strategy": strategy},
             "training": {"max_steps": max_steps, "batch_size": 4, "warmup_steps": 0,
                          "output_dir": str(workdir / "out")},
             "tracking": {"experiment_name": "whisper-exp", "run_name": run_name},
@@ -95,11 +96,13 @@ def mlflow_server(tracking_uri: str, log: Path, cwd: Path,
         stop_process_group(process)
 
 
-def screenshot(page, url: str, ready_text: str, path: Path) -> None:
-    """Open ``url``, wait for ``ready_text`` and for charts to draw, close the assistant panel
-    (it covers a third of the page), save a PNG of the viewport."""
+def screenshot(page, url: str, ready_text: str, path: Path, column: str | None = None) -> None:
+    """Open ``url``, wait for ``ready_text`` (and the table ``column``) and for charts to draw,
+    close the assistant panel (it covers a third of the page), save a PNG of the viewport."""
     page.goto(url)
     page.get_by_text(ready_text, exact=True).first.wait_for()
+    if column:
+        page.get_by_role("columnheader", name=column, exact=True).first.wait_for()
     close = page.locator("[data-component-id='mlflow.assistant.chat_panel.close']")
     if close.count():
         close.first.click()
@@ -122,6 +125,8 @@ def main() -> None:
     from mlflow.tracking import MlflowClient
     from playwright.sync_api import sync_playwright
 
+    from whisper_exp.run_page import wer_view_url
+
     with tempfile.TemporaryDirectory(prefix="ui-screenshots-") as scratch:
         workdir = Path(scratch)
         tracking_uri = f"sqlite:///{workdir / 'mlflow.db'}"
@@ -139,10 +144,8 @@ def main() -> None:
             experiment = ids["experiment"]
             screenshot(page, f"{url}/#/experiments/{experiment}/runs/{ids['lora']}?{ML_VIEW}",
                        names["lora"], args.out / "run_page.png")
-            compared = json.dumps([ids["lora"], ids["full"], ids["evaluate"]])
-            screenshot(page, f"{url}/#/compare-runs?runs={compared}&experiments="
-                             f"{json.dumps([experiment])}&{ML_VIEW}",
-                       names["full"], args.out / "runs_compared.png")
+            screenshot(page, url + wer_view_url(experiment), names["full"],
+                       args.out / "runs_compared.png", column="wer")
             browser.close()
 
 

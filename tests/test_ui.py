@@ -196,3 +196,11 @@ def test_experiment_runs_view_shows_wer_columns(store, page):
     page.get_by_role("columnheader", name="wer", exact=True).first.wait_for()
     for run in (store.train, store.evaluate):
         assert page.get_by_role("row").filter(has_text=run.info.run_name).count() >= 1
+    # The train run's WER is in the wer column of its row (the grid draws a row's pinned name
+    # and its metric cells as separate row elements sharing aria-rowindex).
+    column = page.get_by_role("columnheader", name="wer", exact=True).first
+    named = page.get_by_role("row").filter(has_text=store.train.info.run_name).first
+    cell = page.locator(f"[role=row][aria-rowindex='{named.get_attribute('aria-rowindex')}'] "
+                        f"[role=gridcell][aria-colindex='{column.get_attribute('aria-colindex')}']")
+    shown = cell.first.inner_text().strip()
+    assert float(shown) == pytest.approx(store.train.data.metrics["wer"], abs=1e-3), shown
