@@ -4,6 +4,7 @@ models on the shipped sample; it says "1982 1982" to every clip, so a set whose 
 so is one the base model scores perfectly on."""
 
 import csv
+import re
 
 import mlflow
 import pytest
@@ -130,6 +131,10 @@ def test_guard_set_that_regresses_is_tagged_with_its_delta(tiny_english_path, sa
             "eval/general/report.md"} <= artifacts
     assert [r.name for r in result.regressions] == ["general"]
     assert result.regressions[0].exceeded
+    # The long-form check runs in train's final evaluation too: auto, on 2 clips, says why not.
+    report = mlflow.artifacts.load_text(f"runs:/{result.run_id}/eval/general/report.md")
+    assert re.search(r"long-form check skipped: the eval set has \d+ s of audio, under 60 s",
+                     report), report
 
 
 def test_train_fail_on_regression_exits_3_after_the_run(monkeypatch, tmp_path):
