@@ -91,6 +91,9 @@ _ACTIONS = {
     "model-versions/create": "adding a version to the registered model",
     "registered-models/create": "creating a registered model",
     "experiments/create": "creating an experiment",
+    "runs/update": "updating the run",
+    "runs/log-batch": "logging to the run",
+    "runs/set-tag": "tagging the run",
 }
 
 
