@@ -27,7 +27,14 @@ from mlflow.tracking import MlflowClient
 from servers import free_port, stop, wait_for_health
 
 from whisper_exp.cli import main
-from whisper_exp.run_journal import JOURNAL_DIR, METRICS_FILE
+from whisper_exp.run_journal import (
+    JOURNAL_DIR,
+    METRICS_FILE,
+    WAIT_ENV,
+    RunJournal,
+    TrackingUnavailable,
+    read_metrics,
+)
 
 OUTAGE_S = float(os.environ.get("WHISPER_EXP_TEST_OUTAGE_S", "15"))
 EXPERIMENT = "outage"
@@ -168,3 +175,27 @@ def test_server_never_back_keeps_the_run_on_disk_for_upload(tiny_english_path, s
         again = CliRunner().invoke(main, ["upload-run", str(folder), "--tracking-uri", new_url])
         assert again.output.strip().splitlines()[-1] == \
             f"run_id={uploaded} same run metrics=0 model=not sent"
+
+
+def test_journal_queues_while_down_and_sends_when_up(tmp_path, monkeypatch):
+    """(No server process: a closed loopback port, then the per-test SQLite store.)"""
+    closed = f"http://127.0.0.1:{free_port()}"
+    down = RunJournal(tmp_path / "down", "0" * 32, closed)
+    started = time.monotonic()
+    down.log_metrics({"a": 1.0}, step=1)
+    down.log_metrics({"a": 2.0}, step=2)
+    assert time.monotonic() - started < 10, "a step never waits on MLflow's retries"
+    assert [(m.step, m.value) for m in down.pending] == [(1, 1.0), (2, 2.0)]
+    assert [(m.step, m.value) for m in read_metrics(tmp_path / "down")] == [(1, 1.0), (2, 2.0)]
+    monkeypatch.setenv(WAIT_ENV, "0")
+    with pytest.raises(TrackingUnavailable) as caught:
+        down.require_server()
+    assert str(caught.value).endswith(f"whisper-exp upload-run {tmp_path / 'down'}")
+
+    with mlflow.start_run() as run:
+        up = RunJournal(tmp_path / "up", run.info.run_id)
+        up.log_metrics({"b": 3.0}, step=5)
+        up.require_server()
+    assert not up.pending
+    history = MlflowClient().get_metric_history(run.info.run_id, "b")
+    assert [(m.step, m.value) for m in history] == [(5, 3.0)]
