@@ -244,11 +244,12 @@ def test_ct2_backend_feeds_transformers_features(says_the_ct2, tiny_english_path
         for options in (DecodeOptions(max_new_tokens=4),
                         DecodeOptions(max_new_tokens=4, return_timestamps=True),
                         DecodeOptions(max_new_tokens=4, word_timestamps=True)):
+            fed.clear()
             decoded = transcriber.transcribe_audio([clip], options)[0]
             assert all(s.end <= len(clip) / SAMPLE_RATE for s in decoded.segments)
-    assert len(fed) >= 3
-    for features in fed:
-        np.testing.assert_allclose(features, expected, atol=1e-4)
+            assert decoded.text.startswith("the"), options
+            # The clip's window (a window faster-whisper seeks to after it is discarded).
+            np.testing.assert_allclose(fed[0], expected, atol=1e-4)
     old = FasterWhisperTranscriber.load(says_the_ct2, pad=False)
     fed.clear()
     with pytest.MonkeyPatch.context() as patch:

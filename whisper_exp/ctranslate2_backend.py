@@ -8,7 +8,10 @@ registered with ``backend="ctranslate2"`` serves from an environment without tor
 
 from __future__ import annotations
 
+import contextvars
+import itertools
 import json
+import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +44,11 @@ FRAMES_PER_SECOND = SAMPLE_RATE // HOP_SAMPLES
 WINDOW_SAMPLES = int(SHORT_FORM_MAX_S * SAMPLE_RATE)
 
 
+# Mel frames of the clip being decoded when it was padded to a window (per thread/task).
+_CLIP_FRAMES: contextvars.ContextVar[int | None] = contextvars.ContextVar("clip_frames",
+                                                                         default=None)
+
+
 class _FullTokenBudget:
     """A ``ctranslate2.models.Whisper`` whose ``generate`` decodes the new tokens faster-whisper
     asks for. faster-whisper passes ``max_length = len(prompt) + max_new_tokens``, but
@@ -55,6 +63,16 @@ class _FullTokenBudget:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._whisper, name)
+
+    def align(self, features: Any, start_sequence: Any, text_tokens: Any, num_frames: Any,
+              *args: Any, **kwargs: Any) -> Any:
+        """Word alignment within the clip: on a clip padded to 30 s faster-whisper offers the
+        whole window, where words of a model that keeps talking drift into the silence."""
+        limit = _CLIP_FRAMES.get()
+        if limit is not None and isinstance(num_frames, int):
+            num_frames = min(num_frames, limit)
+        return self._whisper.align(features, start_sequence, text_tokens, num_frames, *args,
+                                   **kwargs)
 
     def generate(self, features: Any, prompts: Sequence[Sequence], *args: Any,
                  max_length: int | None = None, **kwargs: Any) -> Any:
@@ -154,9 +172,18 @@ def decode_with_faster_whisper(model: WhisperModel, audio: np.ndarray, *,
         pad_to_window(audio) if padded else audio, language=language, beam_size=beam_size,
         without_timestamps=not timestamps, vad_filter=False, max_new_tokens=max_new_tokens,
         word_timestamps=word_timestamps, initial_prompt=prompt or None, **settings)
-    # A generator: decoding happens here. Nothing starts in the padding (a segment there is
-    # the decoder reading silence past a window cut off by the token budget).
-    segments = [segment for segment in segments if segment.start < max(duration, 0.01)]
+    # A generator: decoding happens here, words aligned within the clip's own frames. A padded
+    # clip is one window, decoded once as transformers does: faster-whisper would go on from
+    # the last timestamp or word into the silence (``seek`` > 0), so reading stops there (the
+    # generator has decoded that one extra window by then: only when the clip's output does
+    # not end on a timestamp, e.g. cut off by the token budget).
+    frames = _CLIP_FRAMES.set(max(math.ceil(len(audio) / HOP_SAMPLES), 1) if padded else None)
+    try:
+        if padded:
+            segments = list(itertools.takewhile(lambda segment: segment.seek == 0, segments))
+        segments = [segment for segment in segments if segment.start < max(duration, 0.01)]
+    finally:
+        _CLIP_FRAMES.reset(frames)
     text = "".join(segment.text for segment in segments).strip()
     if not timestamps:
         return Decoded(text, language=info.language)
