@@ -223,6 +223,22 @@ def test_unreachable_storage_fails_early_without_leaking_its_password(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()
 
 
+def test_storage_from_the_environment_keeps_its_password_out_of_the_command_line(
+        tmp_path, monkeypatch):
+    """`mlflow run` logs every -P value as a param; a storage URL with a password goes in
+    $WHISPER_EXP_OPTUNA_STORAGE instead, which the tune command uses when --storage is empty."""
+    space = _space(tmp_path, {"finetuning.lora.r": {"type": "categorical", "choices": [4]}})
+    monkeypatch.setenv(tuning.study.STORAGE_ENV, "postgresql://alice:s3cret@127.0.0.1:9/optuna")
+    result = CliRunner().invoke(main, ["tune", "--space", str(space), "--storage", ""])
+    assert result.exit_code == 2, result.output
+    assert "Optuna storage postgresql://alice:***@127.0.0.1:9/optuna is unreachable" in (
+        result.output)
+    assert "s3cret" not in result.output
+    assert tuning.storage_url("sqlite:///given.db") == "sqlite:///given.db"
+    monkeypatch.delenv(tuning.study.STORAGE_ENV)
+    assert tuning.storage_url("") == tuning.DEFAULT_STORAGE
+
+
 # --------------------------------------------------------------------------- tracking hooks
 
 

@@ -277,8 +277,9 @@ def _number_option(value: str, option: str, cast: type[int] | type[float],
 # --study_name: what `mlflow run -P study_name=...` passes (not an MLproject parameter).
 @click.option("--study-name", "--study_name", default="", help="The same name resumes (or "
               "joins) a study (default: <space>-<hash of config and space>).")
-@click.option("--storage", default="", help="Optuna storage URL (default sqlite:///optuna.db "
-              "here; postgresql://... to share a study between machines).")
+@click.option("--storage", default="", help="Optuna storage URL (default "
+              "$WHISPER_EXP_OPTUNA_STORAGE, else sqlite:///optuna.db here; postgresql://... to "
+              "share a study between machines).")
 @click.option("--direction", default="", help="minimize (default) | maximize the final WER.")
 @click.option("--sampler", default="", help="tpe (default) | random.")
 @click.option("--pruner", default="", help="median (default) | hyperband | none | "
@@ -297,14 +298,15 @@ def tune(config_path, sets, space, n_trials, timeout, study_name, storage, direc
 
     cfg = resolve_config(config_path or None, named, sets)
     check_tracking_uri(cfg.tracking.tracking_uri)
-    check_database(storage or tuning.DEFAULT_STORAGE, "Optuna storage")
+    storage = tuning.storage_url(storage)
+    check_database(storage, "Optuna storage")
     try:
         result = tuning.tune(
             cfg, space or tuning.DEFAULT_SPACE,
             n_trials=_number_option(n_trials, "--n-trials", int, tuning.DEFAULT_N_TRIALS),
             timeout=_number_option(timeout, "--timeout", float, None),
             study_name=study_name or None,
-            storage=storage or tuning.DEFAULT_STORAGE,
+            storage=storage,
             direction=direction or "minimize",
             sampler=sampler or "tpe",
             pruner=pruner or "median",

@@ -32,11 +32,13 @@ from whisper_exp.tuning.study import (
     make_sampler,
     open_storage,
     redact_storage,
+    storage_url,
 )
 
 __all__ = [
     "DEFAULT_N_TRIALS", "DEFAULT_SPACE", "DEFAULT_STORAGE", "PRUNERS", "SAMPLERS", "ParamSpec",
     "PruningCallback", "SearchSpace", "SearchSpaceError", "StudyResult", "TrialSummary",
     "TuningError", "apply_params", "config_fingerprint", "default_study_name", "format_trials",
-    "load_search_space", "make_pruner", "make_sampler", "open_storage", "redact_storage", "tune",
+    "load_search_space", "make_pruner", "make_sampler", "open_storage", "redact_storage",
+    "storage_url", "tune",
 ]

@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +26,9 @@ from whisper_exp.tuning.space import SearchSpace
 log = logging.getLogger(__name__)
 
 DEFAULT_STORAGE = "sqlite:///optuna.db"
+# The storage URL when --storage is not given: a URL holding a password belongs here (or the
+# password in PGPASSWORD / ~/.pgpass), not in `-P storage=`, which `mlflow run` logs as a param.
+STORAGE_ENV = "WHISPER_EXP_OPTUNA_STORAGE"
 # What pruning watches (logged by the Trainer at each evaluation).
 PRUNING_METRIC = "eval_wer"
 # Optuna study attribute: what the study's trials were run on (config and space).
@@ -94,6 +98,12 @@ def make_pruner(name: str, direction: str = "minimize") -> optuna.pruners.BasePr
             return optuna.pruners.ThresholdPruner(upper=bound)
         return optuna.pruners.ThresholdPruner(lower=bound)
     raise ConfigError(f"pruner {name!r} is not one of {list(PRUNERS)}")
+
+
+def storage_url(given: str | None = None) -> str:
+    """The Optuna storage to use: the one given, else ``$WHISPER_EXP_OPTUNA_STORAGE``, else
+    ``sqlite:///optuna.db`` in the working directory."""
+    return given or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
 
 
 def redact_storage(url: str) -> str:
