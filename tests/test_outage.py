@@ -99,7 +99,9 @@ def _history(client: MlflowClient, run_id: str, key: str) -> list[tuple[int, flo
 
 def test_outage_mid_training_loses_nothing(tiny_english_path, sample_dir, tmp_path):
     port = free_port()
-    max_steps = 60
+    # Enough steps to outlast the server's shutdown on an idle machine (60 tiny-model steps
+    # finished before the stop there, leaving no step inside the outage).
+    max_steps = 300
     with tracking_server(tmp_path, port) as url:
         process = _start_training(url, tiny_english_path, sample_dir, tmp_path, max_steps)
         run_id = _wait_for_steps(url, process, tmp_path, 3)
