@@ -267,6 +267,36 @@ def test_cpu_peak_memory_is_reset_per_run():
     assert after < with_ballast - 200, (with_ballast, after)
 
 
+def test_running_best_survives_another_worker_writing_the_same_parent_tag_first():
+    """Two workers finishing trials together both insert the parent's best_trial_number; MLflow's
+    SQL store rejects the second insert (UNIQUE constraint). The recorder retries and the tag ends
+    up set, instead of the worker crashing (seen in CI in the PostgreSQL restart test)."""
+    from whisper_exp.tuning.runs import TrialRecorder
+
+    client = MlflowClient()
+    experiment = mlflow.set_experiment(EXPERIMENT).experiment_id
+    parent = client.create_run(experiment).info.run_id
+    real_set_tag = MlflowClient.set_tag
+    raced = []
+
+    def set_tag_after_the_other_worker(self, run_id, key, value, *args, **kwargs):
+        if key == "best_trial_number" and not raced:
+            raced.append(key)
+            real_set_tag(self, run_id, key, "other worker's value")
+            raise mlflow.exceptions.MlflowException(
+                "(sqlite3.IntegrityError) UNIQUE constraint failed: tags.key, tags.run_uuid")
+        return real_set_tag(self, run_id, key, value, *args, **kwargs)
+
+    study = optuna.create_study()
+    study.add_trial(optuna.trial.create_trial(value=0.3, params={}, distributions={}))
+    recorder = TrialRecorder(parent)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(MlflowClient, "set_tag", set_tag_after_the_other_worker)
+        recorder(study, study.trials[0])
+    assert raced
+    assert client.get_run(parent).data.tags["best_trial_number"] == "0"
+
+
 # --------------------------------------------------------------------------- studies
 
 

@@ -89,6 +89,25 @@ def best_trial(study: optuna.Study) -> FrozenTrial | None:
 # --------------------------------------------------------------------------- MLflow side
 
 
+def set_parent_tag(client: MlflowClient, run_id: str, key: str, value: str,
+                   attempts: int = 3) -> None:
+    """``set_tag`` on the run every worker writes to, tolerating a concurrent first write.
+
+    MLflow's SQL store sets a tag by looking it up and inserting it when absent; two workers
+    that finish trials at the same moment can both insert ``best_trial_number`` and one gets a
+    UNIQUE-constraint error. Once the other's row exists, the retry updates it.
+    """
+    for attempt in range(1, attempts + 1):
+        try:
+            client.set_tag(run_id, key, value)
+            return
+        except MlflowException:
+            if attempt == attempts:
+                raise
+            log.info("tag %s on the parent run raced another worker; retrying", key)
+            time.sleep(0.2 * attempt)
+
+
 def find_trial_runs(client: MlflowClient, study_name: str, number: int,
                      parent_run_id: str | None = None,
                      experiment_ids: Sequence[str] | None = None) -> list[Any]:
@@ -119,10 +138,11 @@ class TrialRecorder:
         if best is not None:
             self.client.log_metric(self.parent_run_id, "best_value", best.value,
                                    step=trial.number)
-            self.client.set_tag(self.parent_run_id, "best_trial_number", str(best.number))
+            set_parent_tag(self.client, self.parent_run_id, "best_trial_number",
+                           str(best.number))
             if best.user_attrs.get(RUN_ID_ATTR):
-                self.client.set_tag(self.parent_run_id, "best_run_id",
-                                    best.user_attrs[RUN_ID_ATTR])
+                set_parent_tag(self.client, self.parent_run_id, "best_run_id",
+                               best.user_attrs[RUN_ID_ATTR])
 
 
 def current_experiment_id(base_cfg: ExperimentConfig) -> str | None:
@@ -255,11 +275,11 @@ def summarise_study(client: MlflowClient, parent_run_id: str, study: optuna.Stud
     if best is not None:
         client.log_metric(parent_run_id, "best_value", best.value,
                           step=max(t.number for t in summaries))
-        client.set_tag(parent_run_id, "best_trial_number", str(best.number))
+        set_parent_tag(client, parent_run_id, "best_trial_number", str(best.number))
         if best.user_attrs.get(RUN_ID_ATTR):
-            client.set_tag(parent_run_id, "best_run_id", best.user_attrs[RUN_ID_ATTR])
+            set_parent_tag(client, parent_run_id, "best_run_id", best.user_attrs[RUN_ID_ATTR])
         for key, value in best.params.items():
-            client.set_tag(parent_run_id, f"best.{key}", str(value))
+            set_parent_tag(client, parent_run_id, f"best.{key}", str(value))
         client.log_text(parent_run_id, json.dumps(
             {"trial": best.number, "value": best.value, "params": best.params,
              "run_id": best.user_attrs.get(RUN_ID_ATTR)}, indent=2), "best_params.json")
