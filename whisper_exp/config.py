@@ -88,6 +88,8 @@ class LoraConfig:
     alpha: int = 64
     dropout: float = 0.05
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    # DoRA (peft's weight-decomposed LoRA): magnitude + direction, same targets and rank.
+    use_dora: bool = False
 
 
 @dataclass
@@ -109,8 +111,34 @@ class FinetuningConfig:
 
 
 @dataclass
+class AugmentationConfig:
+    """Training-time augmentation; every lever is off by default and kept only where it pays.
+
+    SpecAugment masks the log-mel input on the uncached path and, when the bottom encoder layers
+    are frozen and cached, the cached hidden states that enter the trainable layers (so
+    augmentation and caching compose). Speed perturbation and noise add extra copies of each
+    training utterance, each cached under its own key."""
+
+    # SpecAugment: share of time steps starting a mask of mask_time_length steps, and of
+    # feature channels starting a mask of mask_feature_length channels (0: off).
+    mask_time_prob: float = 0.0
+    mask_time_length: int = 10
+    mask_feature_prob: float = 0.0
+    mask_feature_length: int = 10
+    # Extra copies of every training utterance resampled at these speeds, e.g. [0.9, 1.1].
+    speed_factors: list[float] = field(default_factory=list)
+    # An extra copy of every training utterance with noise mixed in at this SNR in dB (None:
+    # off): Gaussian noise, or clips drawn from noise_dir when set.
+    noise_snr_db: float | None = None
+    noise_dir: str | None = None
+
+
+@dataclass
 class TrainingConfig:
     learning_rate: float = 1e-3
+    # Layer-wise learning-rate decay: the top trainable encoder layer gets learning_rate x
+    # decay, each layer below it x decay once more; the decoder keeps learning_rate (1: off).
+    layer_lr_decay: float = 1.0
     epochs: float = 2.0
     # > 0 overrides epochs (Trainer semantics).
     max_steps: int = -1
@@ -200,6 +228,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     finetuning: FinetuningConfig = field(default_factory=FinetuningConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    augmentation: AugmentationConfig = field(default_factory=AugmentationConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
@@ -251,6 +280,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             value = {"source": value}  # the short form: ``general: data/general``
         return _build(annotation, value or {}, f"{where}.")
     if origin is list:
+        if value is None:  # ``key=`` on the command line: the empty list
+            value = []
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, list):
