@@ -68,6 +68,7 @@ def team(tmp_path_factory) -> Iterator[SimpleNamespace]:
         ini.write_text("[mlflow]\ndefault_permission = NO_PERMISSIONS\n"
                        f"database_uri = {auth_db}\nadmin_username = admin\n"
                        f"admin_password = {passwords['admin']}\n"
+                       "auth_cache_ttl_seconds = 60\n"
                        "authorization_function = "
                        "mlflow.server.auth:authenticate_request_basic_auth\n")
         env = {**os.environ, "MLFLOW_AUTH_CONFIG_PATH": str(ini),
