@@ -25,6 +25,7 @@ from whisper_exp.tuning import SearchSpaceError, apply_params, load_search_space
 
 ROOT = Path(__file__).resolve().parent.parent
 LORA_SPACE = ROOT / "experiments" / "search" / "lora.yaml"
+RECIPE_SPACE = ROOT / "experiments" / "search" / "recipe.yaml"
 EXPERIMENT = "tune-test"
 
 
@@ -122,6 +123,16 @@ def test_malformed_space_files_name_the_problem(tmp_path):
         load_search_space(tmp_path / "missing.yaml", cfg)
 
 
+def _opened(space: Path, tmp_path: Path) -> Path:
+    """The shipped space with its "open up more" block uncommented, as its header documents."""
+    text = space.read_text().split("  # Open up more by uncommenting:\n", 1)
+    assert len(text) == 2, f"{space.name} has no 'Open up more' block"
+    opened = text[0] + "\n".join(line.replace("# ", "", 1) for line in text[1].splitlines())
+    wide = tmp_path / f"opened-{space.name}"
+    wide.write_text(opened)
+    return wide
+
+
 def test_shipped_space_and_its_commented_options_are_valid(tmp_path):
     cfg = load_config(ROOT / "experiments" / "lora.yaml")
     space = load_search_space(LORA_SPACE, cfg)
@@ -131,11 +142,7 @@ def test_shipped_space_and_its_commented_options_are_valid(tmp_path):
     assert (lr.kind, lr.low, lr.high, lr.log) == ("float", 1e-5, 1e-2, True)
 
     # The "open up more" block, uncommented, must load as documented.
-    text = LORA_SPACE.read_text().split("  # Open up more by uncommenting:\n", 1)
-    opened = text[0] + "\n".join(line.replace("# ", "", 1) for line in text[1].splitlines())
-    wide = tmp_path / "opened.yaml"
-    wide.write_text(opened)
-    space = load_search_space(wide, cfg)
+    space = load_search_space(_opened(LORA_SPACE, tmp_path), cfg)
     assert set(space.keys) == {"finetuning.lora.r", "training.learning_rate",
                                "finetuning.lora.alpha", "finetuning.lora.dropout",
                                "finetuning.lora.target_modules", "finetuning.freeze_encoder",
@@ -146,6 +153,38 @@ def test_shipped_space_and_its_commented_options_are_valid(tmp_path):
                                  "training.epochs": 2, "finetuning.freeze_encoder": True})
     assert applied.finetuning.lora.target_modules == ["q_proj", "k_proj", "v_proj", "out_proj"]
     assert applied.training.epochs == 2.0 and applied.finetuning.freeze_encoder is True
+
+
+def test_shipped_recipe_space_and_its_commented_options_are_valid(tmp_path):
+    """search/recipe.yaml: issue 13's levers, valid against the default recipe, which is itself
+    a point of the space (so a new study's warm start scores it beside the search)."""
+    from whisper_exp.modeling import ALL_LINEAR, lora_target_modules
+
+    cfg = load_config(ROOT / "experiments" / "lora.yaml")
+    space = load_search_space(RECIPE_SPACE, cfg)
+    levers = {"finetuning.freeze_encoder_layers", "finetuning.lora.target_modules",
+              "finetuning.lora.r", "training.learning_rate", "training.layer_lr_decay",
+              "training.epochs", "augmentation.mask_time_prob"}
+    assert set(space.keys) == levers
+    by_key = {p.key: p for p in space.params}
+    assert by_key["training.learning_rate"].log
+    assert space.config_values(cfg) == {
+        "finetuning.freeze_encoder_layers": None, "finetuning.lora.target_modules":
+        "q_proj,v_proj", "finetuning.lora.r": 32, "training.learning_rate": 1e-3,
+        "training.layer_lr_decay": 1.0, "training.epochs": 2, "augmentation.mask_time_prob": 0.0}
+    for k in by_key["finetuning.freeze_encoder_layers"].choices:
+        for modules in by_key["finetuning.lora.target_modules"].choices:
+            applied = apply_params(cfg, {"finetuning.freeze_encoder_layers": k,
+                                         "finetuning.lora.target_modules": modules})
+            assert applied.finetuning.freeze_encoder_layers == k
+            assert set(lora_target_modules(applied.finetuning)) <= set(ALL_LINEAR)
+    all_linear = apply_params(cfg, {"finetuning.lora.target_modules": "all-linear"})
+    assert lora_target_modules(all_linear.finetuning) == list(ALL_LINEAR)
+
+    space = load_search_space(_opened(RECIPE_SPACE, tmp_path), cfg)
+    assert set(space.keys) == levers | {"finetuning.lora.use_dora", "finetuning.lora.alpha",
+                                        "finetuning.lora.dropout",
+                                        "augmentation.mask_feature_prob"}
 
 
 def test_base_config_values_are_a_point_of_the_space_only_inside_it(tmp_path):

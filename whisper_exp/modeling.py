@@ -1,9 +1,11 @@
 """Load Whisper, apply a fine-tuning strategy, and load trained models back for inference.
 
 Strategies compose: ``full`` | ``lora`` | ``qlora`` (4-bit NF4 base via bitsandbytes + LoRA),
-each with optional ``freeze_encoder`` (LoRA then goes into the decoder only) and
-``gradient_checkpointing``. Multilingual checkpoints get ``<|lang|><|transcribe|>`` in the
-decoder prompt for training and generation; English-only ``.en`` checkpoints get none.
+each with optional ``freeze_encoder`` (LoRA then goes into the decoder only) or
+``freeze_encoder_layers`` (adapters only above the frozen layers) and
+``gradient_checkpointing``; LoRA may be DoRA (``lora.use_dora``) and target ``all-linear``.
+Multilingual checkpoints get ``<|lang|><|transcribe|>`` in the decoder prompt for training and
+generation; English-only ``.en`` checkpoints get none.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -159,8 +162,32 @@ def whisper_encoder(model: torch.nn.Module) -> torch.nn.Module:
     return base.model.encoder
 
 
+# Every linear layer inside Whisper's encoder and decoder blocks. peft's own "all-linear"
+# would also adapt proj_out (tied to the token embeddings) and cannot be limited to the layers
+# above a frozen prefix, so the shorthand is expanded to these names instead.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+ALL_LINEAR_SHORTHAND = "all-linear"
+
+
+def lora_target_modules(cfg: FinetuningConfig) -> list[str]:
+    """``finetuning.lora.target_modules`` with ``all-linear`` expanded, checked against the
+    linear layers of a Whisper block (a typo would otherwise surface as peft's regex error).
+    A dotted name (``encoder_attn.q_proj``) narrows a kind to one place, as in peft."""
+    names: list[str] = []
+    for name in cfg.lora.target_modules:
+        for module in ALL_LINEAR if name == ALL_LINEAR_SHORTHAND else (name,):
+            if module not in names:
+                names.append(module)
+    unknown = [name for name in names if name.rsplit(".", 1)[-1] not in ALL_LINEAR]
+    if unknown or not names:
+        raise ValueError(f"finetuning.lora.target_modules={cfg.lora.target_modules}: "
+                         f"{unknown or 'empty'} not a Whisper block linear layer; use names "
+                         f"from {list(ALL_LINEAR)} or {ALL_LINEAR_SHORTHAND!r}")
+    return names
+
+
 def _lora_targets(cfg: FinetuningConfig, frozen: int, n_layers: int) -> list[str] | str:
-    modules = cfg.lora.target_modules
+    modules = lora_target_modules(cfg)
     if frozen == 0:
         return modules
     # peft treats a string as a full-match regex: adapters in the decoder and in the
@@ -169,7 +196,7 @@ def _lora_targets(cfg: FinetuningConfig, frozen: int, n_layers: int) -> list[str
     if frozen < n_layers:
         places.append(r"encoder\.layers\.(" + "|".join(str(i) for i in range(frozen, n_layers))
                       + ")")
-    return r".*(" + "|".join(places) + r")\.\S*(" + "|".join(modules) + r")$"
+    return r".*(" + "|".join(places) + r")\.(\S*\.)?(" + "|".join(map(re.escape, modules)) + r")$"
 
 
 def _freeze_encoder_bottom(encoder: torch.nn.Module, k: int) -> None:
@@ -222,6 +249,7 @@ def apply_strategy(model: WhisperForConditionalGeneration, cfg: FinetuningConfig
         lora_dropout=cfg.lora.dropout,
         target_modules=_lora_targets(cfg, frozen, n_layers),
         bias="none",
+        use_dora=cfg.lora.use_dora,
     )
     return get_peft_model(model, lora)
 
