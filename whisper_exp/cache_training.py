@@ -19,7 +19,8 @@ from accelerate.utils import gather_object
 from transformers import WhisperProcessor
 
 from whisper_exp import tracking
-from whisper_exp.audio import SAMPLE_RATE, load_audio
+from whisper_exp.audio import SAMPLE_RATE
+from whisper_exp.augmentation import SpecAugment, training_audio
 from whisper_exp.cache import (
     ArrayCache,
     EncoderSplit,
@@ -43,7 +44,8 @@ ENCODER_CACHE_KEYS = "encoder_cache_keys"
 
 @dataclass
 class MelFeatures:
-    """Log-mel features by audio key, through the mel cache when there is one."""
+    """Log-mel features by audio key, through the mel cache when there is one. An item that
+    is an augmented copy (speed, noise) is perturbed before the features; its key says how."""
 
     processor: WhisperProcessor
     cache: ArrayCache | None = None
@@ -57,7 +59,7 @@ class MelFeatures:
         missing = [i for i, array in enumerate(found) if array is None]
         if missing:
             computed = self.processor.feature_extractor(
-                [load_audio(items[i]["audio"]) for i in missing], sampling_rate=SAMPLE_RATE,
+                [training_audio(items[i]) for i in missing], sampling_rate=SAMPLE_RATE,
                 return_tensors="np").input_features
             for i, array in zip(missing, computed, strict=True):
                 found[i] = array
@@ -97,15 +99,20 @@ class CachedEncoderCollator:
 class CachedEncoderTrainer(WhisperTrainer):
     """``WhisperTrainer`` fed cached frozen-prefix states: it runs only the encoder's trainable
     top (layers k.. + layer norm, with grad) and hands the result to the model as
-    ``encoder_outputs``, so the loss, generation and metrics are the standard ones."""
+    ``encoder_outputs``, so the loss, generation and metrics are the standard ones.
+
+    ``spec_augment`` masks the cached states in training steps only (``augmentation.mask_*``):
+    the cache holds the unmasked prefix, so masking composes with it."""
 
     def __init__(self, *args, encoder_split: EncoderSplit,
-                 encoder_store: ArrayCache | None = None, **kwargs):
+                 encoder_store: ArrayCache | None = None,
+                 spec_augment: SpecAugment | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.encoder_split = encoder_split
         self.encoder_store = encoder_store
+        self.spec_augment = spec_augment
 
-    def _encoder_outputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+    def _encoder_outputs(self, inputs: dict[str, Any], augment: bool = False) -> dict[str, Any]:
         inputs = dict(inputs)
         prefix = inputs.pop("encoder_prefix", None)
         keys = inputs.pop(ENCODER_CACHE_KEYS, None)
@@ -113,12 +120,14 @@ class CachedEncoderTrainer(WhisperTrainer):
             prefix = recompute_prefix(self.encoder_split, inputs.pop("input_features"), keys,
                                       self.encoder_store)
         if prefix is not None:
+            if augment and self.spec_augment is not None:
+                prefix = self.spec_augment(prefix)
             weight = self.encoder_split.encoder.layer_norm.weight
             inputs["encoder_outputs"] = self.encoder_split.top(prefix.to(weight.device))
         return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(model, self._encoder_outputs(inputs),
+        return super().compute_loss(model, self._encoder_outputs(inputs, augment=model.training),
                                     return_outputs=return_outputs,
                                     num_items_in_batch=num_items_in_batch)
 

@@ -23,7 +23,7 @@ from transformers import (
     set_seed,
 )
 
-from whisper_exp import guards, report, run_page, tracking, truecasing
+from whisper_exp import augmentation, guards, report, run_page, tracking, truecasing
 from whisper_exp.audio import probe
 from whisper_exp.cache import audio_fingerprint, shared_cache
 from whisper_exp.cache_training import (
@@ -35,16 +35,23 @@ from whisper_exp.cache_training import (
 from whisper_exp.config import ConfigError, ExperimentConfig, load_config
 from whisper_exp.data import DatasetSplit, Example, load_splits
 from whisper_exp.evaluation import EvalResult, evaluate_examples
-from whisper_exp.labels import EpochCallback, TrainingTargets, collate_labels
+from whisper_exp.labels import (
+    EpochCallback,
+    TrainingTargets,
+    collate_labels,
+    previous_utterances,
+)
 from whisper_exp.metrics import make_normalizer, score
 from whisper_exp.modeling import (
     apply_strategy,
     count_parameters,
     default_device,
+    frozen_encoder_layers,
     is_multilingual,
     load_base,
     load_for_inference,
     save_trained,
+    whisper_encoder,
 )
 from whisper_exp.storage import checkpoint_space_callback, last_good_checkpoint
 from whisper_exp.trainer import AUDIO_SECONDS, WhisperTrainer, audio_seconds_tensor
@@ -54,24 +61,39 @@ log = logging.getLogger(__name__)
 
 class SpeechDataset(torch.utils.data.Dataset):
     """Examples with tokenised labels, audio content keys and lengths (for the token budget of
-    evaluation batches); audio is decoded lazily."""
+    evaluation batches); audio is decoded lazily.
+
+    ``perturbations`` (training set): one extra copy of every utterance per perturbation, after
+    the originals, under its own cache key and with the original transcript; copies longer than
+    ``max_duration_s`` are left out (counted in ``dropped``)."""
 
     def __init__(self, examples: list[Example], processor: WhisperProcessor,
-                 targets: dict[str, Any] | None = None):
-        self.examples = examples
-        self.labels = [processor.tokenizer(e.text).input_ids for e in examples]
-        self.keys = [audio_fingerprint(e.audio) for e in examples]
-        self.seconds = [probe(e.audio).duration_s for e in examples]
+                 targets: dict[str, Any] | None = None,
+                 perturbations: Sequence[augmentation.Perturbation] = (),
+                 max_duration_s: float = math.inf):
+        labels = [processor.tokenizer(e.text).input_ids for e in examples]
+        copies = augmentation.expand(perturbations, [audio_fingerprint(e.audio) for e in examples],
+                                     [probe(e.audio).duration_s for e in examples], max_duration_s)
+        self.examples = [examples[i] for i in copies.source]
+        self.labels = [labels[i] for i in copies.source]
+        self.keys, self.seconds = copies.keys, copies.seconds
+        self.perturbations, self.dropped = copies.perturbations, copies.dropped
         # Training set: timestamp / prompt targets drawn per example per epoch (labels.py).
-        self.targets = (TrainingTargets(examples, self.labels, self.seconds,
+        self.targets = (TrainingTargets(self.examples, self.labels, self.seconds,
                                         processor.tokenizer, **targets) if targets else None)
+        if self.targets is not None and len(self.examples) > len(examples):
+            # A copy is prompted with its original's previous utterance, never with itself or
+            # another copy of its own row (same row number: the default order would pick those).
+            previous = previous_utterances(examples)
+            self.targets.previous = [previous[i] for i in copies.source]
 
     def __len__(self) -> int:
         return len(self.examples)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = {"audio": self.examples[index].audio, "labels": self.labels[index],
-                "key": self.keys[index], "seconds": self.seconds[index]}
+                "key": self.keys[index], "seconds": self.seconds[index],
+                augmentation.PERTURBATION: self.perturbations[index]}
         return {**item, **self.targets(index)} if self.targets else item
 
 
@@ -359,6 +381,8 @@ def train(
     """
     device = default_device()
     resume_run_id = resume.run_id if resume else None
+    # Checked (noise folder read) before anything loads: a bad augmentation key fails at once.
+    perturbations = augmentation.training_perturbations(cfg.augmentation, cfg.training.seed)
     if not nested and resume is None:
         tracking.configure(cfg.tracking.tracking_uri, cfg.tracking.experiment_name)
     run_name = cfg.tracking.run_name or f"{cfg.finetuning.strategy}-{Path(cfg.model.name).name}"
@@ -414,8 +438,11 @@ def train(
         # (config, metrics, model) for `whisper-exp upload-run` if the server never comes back.
         mlf.keep_on_disk(output_dir, cfg.to_yaml(), run_name=run_name,
                          tags={**run_tags, OUTPUT_DIR_TAG: str(output_dir)})
-        train_set = SpeechDataset(split.train, processor, _targets(cfg, model))
+        train_set = SpeechDataset(split.train, processor, _targets(cfg, model), perturbations,
+                                  max_duration_s=cfg.data.max_duration_s)
         eval_set = SpeechDataset(split.eval, processor)
+        mlf.log_metrics({"train_examples": len(train_set),
+                         "augmentation.copies_dropped": train_set.dropped})
         corpora = (run_page.log_training_datasets(cfg.data, split, train_set, eval_set)
                    if mlf.enabled else None)
         start_id = model.config.decoder_start_token_id
@@ -427,6 +454,11 @@ def train(
             features.cache.reset_counters()
         encoder_cache = prepare_encoder_cache(cfg, model, [train_set, eval_set], features,
                                               device, mlf)
+        encoder = whisper_encoder(model)
+        masking = augmentation.attach_spec_augment(
+            model, encoder, frozen_encoder_layers(cfg.finetuning, len(encoder.layers)),
+            cached=encoder_cache is not None, aug=cfg.augmentation)
+        mlf.set_tag("augmentation.spec_augment", masking.where if masking else "off")
         keeper = KeepBestCallback()
         trainer_kwargs: dict[str, Any] = dict(
             model=model,
@@ -445,6 +477,7 @@ def train(
             trainer = CachedEncoderTrainer(
                 **trainer_kwargs, encoder_split=encoder_cache.split,
                 encoder_store=encoder_cache.store,
+                spec_augment=masking.hidden if masking else None,
                 data_collator=CachedEncoderCollator(encoder_cache.store, start_id,
                                                     features=features))
         else:
@@ -455,7 +488,12 @@ def train(
             mlf.set_tag("resumed_from", checkpoint.name)
             log.info("resuming run %s from %s", run_id, checkpoint)
         started = time.perf_counter()
-        outcome = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            outcome = trainer.train(
+                resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        finally:
+            if masking is not None:  # the saved model's config masks nothing
+                masking.detach()
         wall = time.perf_counter() - started
 
         if not mlf.enabled:  # other ranks: the main process saves, evaluates and logs
