@@ -264,3 +264,31 @@ def test_layer_lr_decay_of_one_is_the_trainers_own_optimizer(four_layer_path, tm
     assert len(groups) == 2 and {g["lr"] for g in groups} == {1e-3}
     with pytest.raises(ValueError, match=r"training\.layer_lr_decay=0"):
         _trainer(model, tmp_path, decay=0.0)
+
+
+def test_train_passes_layer_lr_decay_to_the_trainer(four_layer_path, sample_dir, tmp_path,
+                                                    monkeypatch):
+    """``training.layer_lr_decay`` reaches the optimizer of a real ``train`` run (cached path)."""
+    from whisper_exp.training import train
+
+    created: list[list[float]] = []
+    create = WhisperTrainer.create_optimizer
+
+    def recording(self, *args, **kwargs):
+        optimizer = create(self, *args, **kwargs)
+        created.append(sorted({group["lr"] for group in optimizer.param_groups}))
+        return optimizer
+
+    monkeypatch.setattr(WhisperTrainer, "create_optimizer", recording)
+    cfg = load_config(None, {
+        "model": {"name": str(four_layer_path)},
+        "data": {"train": str(sample_dir), "max_eval_samples": 2},
+        "finetuning": {"strategy": "lora", "freeze_encoder_layers": 2},
+        "training": {"max_steps": 1, "batch_size": 2, "learning_rate": 1e-3,
+                     "layer_lr_decay": 0.5, "checkpoint_steps": -1,
+                     "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")},
+        "evaluation": {"batch_size": 2, "max_new_tokens": 4},
+        "tracking": {"experiment_name": "layer-lr"},
+    })
+    train(cfg)
+    assert created == [pytest.approx([2.5e-4, 5e-4, 1e-3])]

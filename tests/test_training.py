@@ -187,6 +187,51 @@ def test_cpu_run_uses_fp32(tiny_english_path, sample_dir, tmp_path):
     assert not args.fp16 and not args.bf16
 
 
+@pytest.mark.parametrize("mode, bf16", [("auto", False), ("no", False), ("bf16", True)])
+def test_cpu_autocasts_bf16_only_when_asked(tiny_english_path, sample_dir, tmp_path, mode, bf16):
+    from whisper_exp.training import training_arguments
+
+    cfg = _cfg(tiny_english_path, sample_dir, tmp_path, strategy="lora")
+    cfg.training.mixed_precision = mode
+    args = training_arguments(cfg, tmp_path, torch.device("cpu"))
+    assert (args.bf16, args.fp16) == (bf16, False)
+
+
+def test_cpu_refuses_fp16(tiny_english_path, sample_dir, tmp_path):
+    from whisper_exp.training import training_arguments
+
+    cfg = _cfg(tiny_english_path, sample_dir, tmp_path, strategy="lora")
+    cfg.training.mixed_precision = "fp16"
+    with pytest.raises(ValueError, match="mixed_precision=fp16 needs a CUDA GPU"):
+        training_arguments(cfg, tmp_path, torch.device("cpu"))
+
+
+def test_bf16_covers_the_encoder_layers_above_the_cache(tiny_english_path, sample_dir, tmp_path,
+                                                        monkeypatch):
+    """On the cached path the trainable encoder top runs outside model.forward (where accelerate
+    autocasts); with bf16 its matmuls must still run in bf16, in training steps."""
+    from whisper_exp import cache_training
+
+    seen: list[torch.dtype] = []
+    top = cache_training.EncoderSplit.top
+
+    def recording_top(self, hidden):
+        layer = self.encoder.layers[self.k].fc1
+        handle = layer.register_forward_hook(lambda m, i, out: seen.append(out.dtype))
+        try:
+            return top(self, hidden)
+        finally:
+            handle.remove()
+
+    monkeypatch.setattr(cache_training.EncoderSplit, "top", recording_top)
+    cfg = _cfg(tiny_english_path, sample_dir, tmp_path, strategy="lora",
+               freeze_encoder_layers=1)
+    cfg.training.mixed_precision = "bf16"
+    result = train(cfg)
+    assert mlflow.get_run(result.run_id).data.params["cache.encoder_active"] == "True"
+    assert seen and set(seen) == {torch.bfloat16}, seen
+
+
 @pytest.mark.parametrize("steps, strategy", [(0, "epoch"), (5, "steps"), (-1, "no")])
 def test_checkpoint_schedule(tiny_english_path, sample_dir, tmp_path, steps, strategy):
     from whisper_exp.training import training_arguments

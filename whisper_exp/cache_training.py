@@ -123,7 +123,10 @@ class CachedEncoderTrainer(WhisperTrainer):
             if augment and self.spec_augment is not None:
                 prefix = self.spec_augment(prefix)
             weight = self.encoder_split.encoder.layer_norm.weight
-            inputs["encoder_outputs"] = self.encoder_split.top(prefix.to(weight.device))
+            # The top layers run outside model.forward, which is where accelerate autocasts:
+            # mixed precision (bf16 on CPU or GPU) must cover them explicitly.
+            with self.accelerator.autocast():
+                inputs["encoder_outputs"] = self.encoder_split.top(prefix.to(weight.device))
         return inputs
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

@@ -150,7 +150,9 @@ class TrainingConfig:
     logging_steps: int = 5
     # Evaluate (loss + WER/CER) every N steps; 0 = at the end of each epoch.
     eval_steps: int = 0
-    # no | fp16 | bf16 | auto (auto: fp16 on CUDA, fp32 on CPU)
+    # no | fp16 | bf16 | auto (auto: bf16 on CUDA where supported, else fp16; fp32 on CPU).
+    # bf16 on CPU autocasts: fast on CPUs with bf16 matrix units (AVX512-BF16, AMX); fp16 on CPU
+    # is refused.
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
     seed: int = 42
     dataloader_workers: int = 0

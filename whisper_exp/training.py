@@ -150,10 +150,17 @@ class MlflowMetricsCallback(TrainerCallback):
 
 
 def _mixed_precision(cfg: ExperimentConfig, device: torch.device) -> dict[str, bool]:
+    """Trainer's fp16/bf16 flags. On CPU only an explicit ``bf16`` autocasts (fast where the CPU
+    has bf16 matrix units: AVX512-BF16 / AMX); ``auto`` stays fp32 there and fp16 is refused."""
     mode = cfg.training.mixed_precision
-    if device.type != "cuda" or mode == "no" or cfg.finetuning.strategy == "qlora":
-        # QLoRA computes in bnb_4bit_compute_dtype already; CPU trains in fp32.
+    if mode == "no" or cfg.finetuning.strategy == "qlora":
+        # QLoRA computes in bnb_4bit_compute_dtype already.
         return {"fp16": False, "bf16": False}
+    if device.type != "cuda":
+        if mode == "fp16":
+            raise ValueError("training.mixed_precision=fp16 needs a CUDA GPU; on CPU use bf16 "
+                             "(autocast) or no")
+        return {"fp16": False, "bf16": mode == "bf16"}
     if mode == "auto":
         mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return {"fp16": mode == "fp16", "bf16": mode == "bf16"}
@@ -470,6 +477,7 @@ def train(
                        keeper, *callbacks,
                        *([EpochCallback(train_set.targets)] if train_set.targets else [])],
             max_new_tokens=cfg.evaluation.max_new_tokens,
+            layer_lr_decay=cfg.training.layer_lr_decay,
         )
         if encoder_cache is not None:
             # An entry evicted by training.cache_max_gb comes back as mel features and is
