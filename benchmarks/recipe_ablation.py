@@ -38,6 +38,8 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "k2": ("+ bottom 2 encoder layers frozen and cached", [K2]),
     "k2_all": ("+ LoRA on all linear layers (q,k,v,out,fc1,fc2)", [K2, ALL_LINEAR]),
     "k2_all_e4": ("+ 4 epochs, best epoch kept", [K2, ALL_LINEAR, "training.epochs=4"]),
+    "k2_all_e4_bf16": ("+ bf16 autocast (CPU: AVX512-BF16/AMX)",
+                       [K2, ALL_LINEAR, "training.epochs=4", "training.mixed_precision=bf16"]),
     "k2_all_dora": ("all-linear DoRA instead of LoRA", [K2, ALL_LINEAR,
                                                          "finetuning.lora.use_dora=true"]),
     "k2_full": ("full fine-tune of the top 2 encoder layers + decoder, lr 1e-4",
