@@ -306,6 +306,27 @@ def test_cpu_peak_memory_is_reset_per_run():
     assert after < with_ballast - 200, (with_ballast, after)
 
 
+@pytest.mark.parametrize("eval_strategy, eval_steps, expected", [
+    ("epoch", 0, [1, 2, 3]),          # per-epoch evaluations report epochs: Hyperband's rungs
+    ("steps", 150, [150, 300, 450]),  # per-step evaluations report the optimizer step
+])
+def test_pruning_reports_epochs_or_steps_as_the_resource(eval_strategy, eval_steps, expected):
+    from transformers import Seq2SeqTrainingArguments, TrainerState
+
+    from whisper_exp.tuning.study import PruningCallback
+
+    reported = []
+    trial = SimpleNamespace(number=0, report=lambda value, step: reported.append(step),
+                            should_prune=lambda: False)
+    args = Seq2SeqTrainingArguments(output_dir="unused", eval_strategy=eval_strategy,
+                                    eval_steps=eval_steps or None, report_to=[])
+    callback = PruningCallback(trial)
+    for epoch in (1, 2, 3):
+        state = TrainerState(epoch=float(epoch), global_step=150 * epoch, max_steps=600)
+        callback.on_evaluate(args, state, None, metrics={"eval_wer": 0.5})
+    assert reported == expected
+
+
 def test_running_best_survives_another_worker_writing_the_same_parent_tag_first():
     """Two workers finishing trials together both insert the parent's best_trial_number; MLflow's
     SQL store rejects the second insert (UNIQUE constraint). The recorder retries and the tag ends

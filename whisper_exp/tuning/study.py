@@ -44,6 +44,11 @@ class TuningError(RuntimeError):
     """The study cannot start or finish as asked (e.g. model registration is unavailable)."""
 
 
+def _per_epoch(args) -> bool:
+    strategy = getattr(args, "eval_strategy", "")
+    return getattr(strategy, "value", strategy) == "epoch"
+
+
 class PruningCallback(TrainerCallback):
     """Reports dev WER at every evaluation and stops a trial the pruner judges hopeless.
 
@@ -63,10 +68,18 @@ class PruningCallback(TrainerCallback):
             log.warning("trial %d: no %s in evaluation metrics; not reported for pruning",
                         self.trial.number, self.metric)
             return
-        self.trial.report(float(value), step=state.global_step)
+        step = self.resource(args, state)
+        self.trial.report(float(value), step=step)
         if self.trial.should_prune():
-            raise optuna.TrialPruned(
-                f"pruned at step {state.global_step}: {self.metric}={float(value):.4f}")
+            unit = "epoch" if _per_epoch(args) else "step"
+            raise optuna.TrialPruned(f"pruned at {unit} {step}: {self.metric}={float(value):.4f}")
+
+    @staticmethod
+    def resource(args, state) -> int:
+        """The budget spent so far, as the pruner counts it: epochs when evaluating each epoch
+        (so Hyperband's rungs 1, 3, 9... are epochs, and trials of different sizes or batch sizes
+        meet at the same rung), else optimizer steps."""
+        return max(1, round(state.epoch)) if _per_epoch(args) else state.global_step
 
 
 def make_sampler(name: str, seed: int | None = None) -> optuna.samplers.BaseSampler:
@@ -81,7 +94,8 @@ def make_sampler(name: str, seed: int | None = None) -> optuna.samplers.BaseSamp
 
 def make_pruner(name: str, direction: str = "minimize") -> optuna.pruners.BasePruner:
     """``median``: stop a trial whose WER at an evaluation is worse than the median of earlier
-    trials at that step (after 3 finished trials); ``hyperband``; ``none``;
+    trials at that step or epoch (after 3 finished trials); ``hyperband`` (rungs at 1, 3, 9...
+    epochs, or steps when evaluating every ``eval_steps``); ``none``;
     ``threshold:0.8``: stop any trial whose WER passes 0.8 (a floor when maximising)."""
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
