@@ -7,7 +7,10 @@ Run (not in CI; ~15-25 min on 2 CPU cores, minutes on a GPU):
 (a) `reference`: the recipe of the Hugging Face "fine-tune Whisper" blog: Seq2SeqTrainer, full
     fine-tune, log-mel features computed in the collator, nothing cached.
 (b) whisper_exp: full, lora, qlora, lora + freeze_encoder (encoder cache cold and warm), each
-    with and without gradient checkpointing.
+    with and without gradient checkpointing; bf16 autocast (CPU too) for full, lora and the
+    cached top-2-layer path, and all-linear LoRA above 2 frozen layers in fp32 and bf16:
+    python benchmarks/train_speed.py --configs "lora,lora+bf16,\
+all-linear+freeze_encoder_layers=2,all-linear+freeze_encoder_layers=2+bf16"
 Every configuration trains the same fixed subset of the shared train set with the same batch
 size and number of steps, each in a fresh subprocess (so peak memory is its own). s/step is the
 median of wall time between consecutive optimizer steps (data loading included), skipping the
@@ -46,6 +49,17 @@ CONFIGS: dict[str, dict] = {
     "lora+freeze_encoder+gc (cold)": {"strategy": "lora", "freeze_encoder": True,
                                       "gradient_checkpointing": True},
     "lora+freeze_encoder_layers=2": {"strategy": "lora", "freeze_encoder_layers": 2},
+    # bf16 autocast (training.mixed_precision=bf16): on CPUs with AVX512-BF16 / AMX.
+    "full+bf16": {"strategy": "full", "training": {"mixed_precision": "bf16"}},
+    "lora+bf16": {"strategy": "lora", "training": {"mixed_precision": "bf16"}},
+    "lora+freeze_encoder_layers=2+bf16": {"strategy": "lora", "freeze_encoder_layers": 2,
+                                          "training": {"mixed_precision": "bf16"}},
+    # the issue-13 recipe's adapters: all six linear kinds above 2 frozen layers, fp32 and bf16
+    "all-linear+freeze_encoder_layers=2": {"strategy": "lora", "freeze_encoder_layers": 2,
+                                           "lora": {"target_modules": ["all-linear"]}},
+    "all-linear+freeze_encoder_layers=2+bf16": {"strategy": "lora", "freeze_encoder_layers": 2,
+                                                "lora": {"target_modules": ["all-linear"]},
+                                                "training": {"mixed_precision": "bf16"}},
 }
 
 
@@ -144,16 +158,18 @@ def run_whisper_exp(args, name: str) -> dict:
     from whisper_exp.training import train
 
     options = dict(CONFIGS[name])
+    training_options = options.pop("training", {})
+    lora_options = {"r": 32, **options.pop("lora", {})}
     overrides = {
         "model": {"name": args.model},
         "data": {"train": args.train, "max_train_samples": args.subset, "max_eval_samples": 2,
                  "eval_split": 0.1},
-        "finetuning": {**options, "lora": {"r": 32}},
+        "finetuning": {**options, "lora": lora_options},
         "training": {"max_steps": args.steps, "batch_size": args.batch_size, "seed": 0,
                      "learning_rate": 1e-5 if options["strategy"] == "full" else 1e-3,
                      "cache_dir": args.cache_dir, "logging_steps": 1000,
                      # like the reference: no evaluation or checkpoints inside the timed loop
-                     "eval_steps": 10**9, "checkpoint_steps": -1},
+                     "eval_steps": 10**9, "checkpoint_steps": -1, **training_options},
         "evaluation": {"batch_size": 2, "max_new_tokens": 4},
         "tracking": {"experiment_name": "whisper-exp-benchmarks", "run_name": f"speed {name}"},
     }

@@ -274,7 +274,7 @@ def test_timestamp_and_prompt_targets_train_end_to_end(tiny_english_path, sample
     from transformers import WhisperTokenizer
 
     import whisper_exp.cache_training as cache_training
-    import whisper_exp.training as training
+    import whisper_exp.train_data as train_data
     from whisper_exp.labels import IGNORE, SpecialTokens
 
     special = SpecialTokens.from_tokenizer(WhisperTokenizer.from_pretrained(tiny_english_path))
@@ -285,8 +285,8 @@ def test_timestamp_and_prompt_targets_train_end_to_end(tiny_english_path, sample
         batches.append(batch)
         return batch
 
-    training_collate = training.collate_labels
-    monkeypatch.setattr(training, "collate_labels", spy)
+    training_collate = train_data.collate_labels
+    monkeypatch.setattr(train_data, "collate_labels", spy)
     monkeypatch.setattr(cache_training, "collate_labels", spy)
     cfg = _cfg(tiny_english_path, sample_dir, tmp_path, **finetuning)
     cfg.training.max_steps, cfg.training.batch_size = 1, 16  # the whole train split, one batch

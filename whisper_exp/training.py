@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 from transformers import (
     Seq2SeqTrainingArguments,
@@ -24,8 +23,7 @@ from transformers import (
 )
 
 from whisper_exp import augmentation, guards, report, run_page, tracking, truecasing
-from whisper_exp.audio import probe
-from whisper_exp.cache import audio_fingerprint, shared_cache
+from whisper_exp.cache import shared_cache
 from whisper_exp.cache_training import (
     CachedEncoderCollator,
     CachedEncoderTrainer,
@@ -33,15 +31,11 @@ from whisper_exp.cache_training import (
     prepare_encoder_cache,
 )
 from whisper_exp.config import ConfigError, ExperimentConfig, load_config
-from whisper_exp.data import DatasetSplit, Example, load_splits
+from whisper_exp.data import DatasetSplit, load_splits
 from whisper_exp.evaluation import EvalResult, evaluate_examples
 from whisper_exp.labels import (
     EpochCallback,
-    TrainingTargets,
-    collate_labels,
-    previous_utterances,
 )
-from whisper_exp.metrics import make_normalizer, score
 from whisper_exp.modeling import (
     apply_strategy,
     count_parameters,
@@ -54,69 +48,17 @@ from whisper_exp.modeling import (
     whisper_encoder,
 )
 from whisper_exp.storage import checkpoint_space_callback, last_good_checkpoint
-from whisper_exp.trainer import AUDIO_SECONDS, WhisperTrainer, audio_seconds_tensor
+from whisper_exp.train_callbacks import (
+    KeepBestCallback,
+    MlflowMetricsCallback,
+    curve_name,
+    restore_best,
+    wer_metric,
+)
+from whisper_exp.train_data import SpeechCollator, SpeechDataset
+from whisper_exp.trainer import WhisperTrainer
 
 log = logging.getLogger(__name__)
-
-
-class SpeechDataset(torch.utils.data.Dataset):
-    """Examples with tokenised labels, audio content keys and lengths (for the token budget of
-    evaluation batches); audio is decoded lazily.
-
-    ``perturbations`` (training set): one extra copy of every utterance per perturbation, after
-    the originals, under its own cache key and with the original transcript; copies longer than
-    ``max_duration_s`` are left out (counted in ``dropped``)."""
-
-    def __init__(self, examples: list[Example], processor: WhisperProcessor,
-                 targets: dict[str, Any] | None = None,
-                 perturbations: Sequence[augmentation.Perturbation] = (),
-                 max_duration_s: float = math.inf):
-        labels = [processor.tokenizer(e.text).input_ids for e in examples]
-        copies = augmentation.expand(perturbations, [audio_fingerprint(e.audio) for e in examples],
-                                     [probe(e.audio).duration_s for e in examples], max_duration_s)
-        self.examples = [examples[i] for i in copies.source]
-        self.labels = [labels[i] for i in copies.source]
-        self.keys, self.seconds = copies.keys, copies.seconds
-        self.perturbations, self.dropped = copies.perturbations, copies.dropped
-        # Training set: timestamp / prompt targets drawn per example per epoch (labels.py).
-        self.targets = (TrainingTargets(self.examples, self.labels, self.seconds,
-                                        processor.tokenizer, **targets) if targets else None)
-        if self.targets is not None and len(self.examples) > len(examples):
-            # A copy is prompted with its original's previous utterance, never with itself or
-            # another copy of its own row (same row number: the default order would pick those).
-            previous = previous_utterances(examples)
-            self.targets.previous = [previous[i] for i in copies.source]
-
-    def __len__(self) -> int:
-        return len(self.examples)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = {"audio": self.examples[index].audio, "labels": self.labels[index],
-                "key": self.keys[index], "seconds": self.seconds[index],
-                augmentation.PERTURBATION: self.perturbations[index]}
-        return {**item, **self.targets(index)} if self.targets else item
-
-
-@dataclass
-class SpeechCollator:
-    """Log-mel features (cached) + padded labels: the standard path for any strategy."""
-
-    features: MelFeatures
-    decoder_start_token_id: int
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return {"input_features": self.features(items),
-                **collate_labels(items, self.decoder_start_token_id),
-                AUDIO_SECONDS: audio_seconds_tensor(items)}
-
-
-def curve_name(key: str) -> str:
-    """The MLflow name of a Trainer log key: evaluations (``eval_wer``) under ``eval/``, the
-    rest (``loss``, ``learning_rate``, ``grad_norm``, ``epoch``) under ``train/``, so the UI's
-    charts page shows them as train/ and eval/ sections beside system/."""
-    if key.startswith("eval_"):
-        return "eval/" + key.removeprefix("eval_")
-    return "train/" + key
 
 
 def _targets(cfg: ExperimentConfig, model: torch.nn.Module) -> dict[str, Any] | None:
@@ -127,26 +69,6 @@ def _targets(cfg: ExperimentConfig, model: torch.nn.Module) -> dict[str, Any] | 
     return {"timestamp_probability": t.timestamp_probability,
             "prompt_probability": t.prompt_probability, "seed": t.seed,
             "max_positions": model.config.max_target_positions}
-
-
-class MlflowMetricsCallback(TrainerCallback):
-    """Trainer logs -> MLflow metrics at the global step (rank 0 only), named by ``curve_name``.
-
-    Written here rather than ``report_to="mlflow"`` so the run, its params and its naming stay
-    ours: the built-in callback logs every TrainingArguments field and may open its own run.
-    """
-
-    # The end-of-training summary; logged once as final metrics instead of as curve points.
-    SKIP = {"total_flos", "train_runtime", "train_loss", "train_samples_per_second",
-            "train_steps_per_second"}
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        metrics = {curve_name(k): float(v) for k, v in logs.items()
-                   if isinstance(v, (int, float)) and k not in self.SKIP and math.isfinite(v)}
-        if metrics:
-            tracking.log_metrics(metrics, step=state.global_step)  # survives an outage
 
 
 def _mixed_precision(cfg: ExperimentConfig, device: torch.device) -> dict[str, bool]:
@@ -203,74 +125,6 @@ def training_arguments(cfg: ExperimentConfig, output_dir: Path, device: torch.de
         **_mixed_precision(cfg, device),
         **eval_kwargs,
     )
-
-
-def _wer_metric(processor: WhisperProcessor, language: str | None):
-    normalize = make_normalizer(processor.tokenizer, language)
-    pad = processor.tokenizer.pad_token_id
-
-    def compute(prediction) -> dict[str, float]:
-        predictions = np.where(prediction.predictions < 0, pad, prediction.predictions)
-        labels = np.where(prediction.label_ids < 0, pad, prediction.label_ids)
-        hyps = processor.tokenizer.batch_decode(predictions, skip_special_tokens=True)
-        refs = processor.tokenizer.batch_decode(labels, skip_special_tokens=True)
-        scores = score(refs, hyps, normalize)
-        return {"wer": scores.wer, "cer": scores.cer}
-
-    return compute
-
-
-class KeepBestCallback(TrainerCallback):
-    """Remembers the evaluation with the lowest ``eval_wer`` in ``state.best_metric`` /
-    ``best_global_step`` (so Trainer's checkpoint rotation keeps that checkpoint and a resumed
-    run still knows it) and, when no checkpoint is written at that step, copies the trainable
-    weights to CPU memory (for LoRA just the adapter)."""
-
-    def __init__(self) -> None:
-        self.step: int | None = None
-        self.weights: dict[str, torch.Tensor] = {}
-
-    def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
-        wer = (metrics or {}).get("eval_wer")
-        if wer is None or not math.isfinite(wer) or model is None:
-            return  # the last step's evaluation is loss-only: train() decodes after it
-        if state.best_metric is not None and wer >= state.best_metric:
-            return
-        state.best_metric, state.best_global_step = float(wer), state.global_step
-        if control.should_save:  # Trainer writes checkpoint-<step> right after this
-            self.step, self.weights = None, {}
-            return
-        self.step = state.global_step
-        self.weights = {name: param.detach().to("cpu", copy=True)
-                        for name, param in model.named_parameters() if param.requires_grad}
-
-    def restore(self, model: torch.nn.Module) -> None:
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, value in self.weights.items():
-                params[name].copy_(value.to(params[name].device))
-
-
-def _restore_best(trainer: WhisperTrainer, keeper: KeepBestCallback, trainer_dir: Path,
-                  last_wer: float) -> int | None:
-    """Load the best intermediate evaluation's weights into ``trainer.model`` when its WER beats
-    the final decode's ``last_wer``; returns its step, or None when the last model is kept."""
-    state = trainer.state
-    step, best = state.best_global_step, state.best_metric
-    if step is None or best is None or step >= state.global_step or not best < last_wer:
-        return None
-    checkpoint = trainer_dir / f"checkpoint-{step}"
-    if checkpoint.is_dir():
-        trainer._load_from_checkpoint(str(checkpoint))
-    elif keeper.step == step:
-        keeper.restore(trainer.model)
-    else:
-        log.warning("best evaluation was at step %d but neither its checkpoint nor its weights "
-                    "are left (resumed run?): keeping the last step's model", step)
-        return None
-    log.info("keeping step %d (eval WER %.2f%%) over the last step (%.2f%%)", step, 100 * best,
-             100 * last_wer)
-    return step
 
 
 @dataclass
@@ -472,7 +326,7 @@ def train(
             args=training_arguments(cfg, output_dir / "trainer", device),
             train_dataset=train_set,
             eval_dataset=eval_set,
-            compute_metrics=_wer_metric(processor, language),
+            compute_metrics=wer_metric(processor, language),
             callbacks=[MlflowMetricsCallback(), checkpoint_space_callback(output_dir / "trainer"),
                        keeper, *callbacks,
                        *([EpochCallback(train_set.targets)] if train_set.targets else [])],
@@ -514,7 +368,7 @@ def train(
         mlf.log_metrics({curve_name("eval_wer"): final.scores.wer,
                          curve_name("eval_cer"): final.scores.cer}, step=outcome.global_step)
         model_step = outcome.global_step
-        best_step = (_restore_best(trainer, keeper, output_dir / "trainer", final.scores.wer)
+        best_step = (restore_best(trainer, keeper, output_dir / "trainer", final.scores.wer)
                      if cfg.training.keep_best else None)
         if best_step is not None:  # an earlier evaluation beat the last step: ship that one
             model_step = best_step
