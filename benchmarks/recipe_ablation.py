@@ -31,6 +31,8 @@ from machine import add_training_arguments, bar_chart, describe_machine, save_re
 
 ALL_LINEAR = "finetuning.lora.target_modules=q_proj,k_proj,v_proj,out_proj,fc1,fc2"
 K2 = "finetuning.freeze_encoder_layers=2"
+FULL_BF16 = ["finetuning.strategy=full", "training.learning_rate=5e-5", "training.epochs=3",
+             "training.warmup_steps=50", "training.mixed_precision=bf16"]
 # id -> (what it adds, overrides on --config). "stock" is the base model, not trained.
 RECIPES: dict[str, tuple[str, list[str]]] = {
     "stock": ("stock tiny.en, no training", []),
@@ -41,9 +43,10 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     "k2_all_e4_bf16": ("+ bf16 autocast (CPU: AVX512-BF16/AMX)",
                        [K2, ALL_LINEAR, "training.epochs=4", "training.mixed_precision=bf16"]),
     "lora_bf16": ("lora.yaml under bf16 autocast", ["training.mixed_precision=bf16"]),
-    "full_bf16": ("full fine-tune of encoder + decoder, lr 5e-5, 3 epochs, bf16",
-                  ["finetuning.strategy=full", "training.learning_rate=5e-5", "training.epochs=3",
-                   "training.warmup_steps=50", "training.mixed_precision=bf16"]),
+    "full_bf16": ("full fine-tune of encoder + decoder, lr 5e-5, 3 epochs, bf16", FULL_BF16),
+    "full_bf16_specaug": ("full_bf16 + SpecAugment (10% of frames, ~10 of 80 mel bins)",
+                          [*FULL_BF16, "augmentation.mask_time_prob=0.1",
+                           "augmentation.mask_feature_prob=0.1"]),
     "k2_all_dora": ("all-linear DoRA instead of LoRA", [K2, ALL_LINEAR,
                                                          "finetuning.lora.use_dora=true"]),
     "k2_full": ("full fine-tune of the top 2 encoder layers + decoder, lr 1e-4",
