@@ -280,6 +280,8 @@ def test_an_evicted_entry_is_recomputed_and_stored_again(tmp_path):
     its prefix (equal to a cache hit) and puts it back."""
     from types import SimpleNamespace
 
+    from accelerate import Accelerator
+
     from whisper_exp.cache import DiskCap
     from whisper_exp.cache_training import CachedEncoderCollator, CachedEncoderTrainer
 
@@ -301,7 +303,8 @@ def test_an_evicted_entry_is_recomputed_and_stored_again(tmp_path):
         CachedEncoderCollator(store, decoder_start_token_id=0)(items)
     miss = collate(items)
     assert "encoder_prefix" not in miss and miss["input_features"].shape == (2, 4, 8)
-    trainer = SimpleNamespace(encoder_split=split, encoder_store=store)
+    trainer = SimpleNamespace(encoder_split=split, encoder_store=store, spec_augment=None,
+                              accelerator=Accelerator(cpu=True))
     inputs = CachedEncoderTrainer._encoder_outputs(trainer, miss)
     assert set(inputs) >= {"encoder_outputs", "labels"} and "input_features" not in inputs
     expected = CachedEncoderTrainer._encoder_outputs(trainer, hit)["encoder_outputs"]
