@@ -55,9 +55,8 @@ def layer_lr_groups(model: torch.nn.Module, learning_rate: float, decay: float,
     """Optimizer groups of the trainable parameters: ``learning_rate x decay**depth`` (see
     ``encoder_depth``), each split into weight-decayed (names in ``decay_names``, as the Trainer
     picks them: no biases or norms) and not. The full-rate group comes first, so the Trainer's
-    logged ``learning_rate`` (group 0's) stays the configured one."""
-    if not 0.0 < decay <= 1.0:
-        raise ValueError(f"training.layer_lr_decay={decay}: use a factor in (0, 1]; 1 is off")
+    logged ``learning_rate`` (group 0's) stays the configured one. ``decay`` is checked once,
+    by ``WhisperTrainer``."""
     named = list(model.named_parameters())
     n_layers = 1 + max((int(m.group(1)) for n, _ in named if (m := _ENCODER_LAYER.search(n))),
                        default=-1)
